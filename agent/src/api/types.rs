@@ -1,0 +1,133 @@
+//! JSON bodies of the HTTP API, shared by the agent, the CLI and the tests.
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::images::{Progress, PruneReport};
+pub use crate::manifest::Problem;
+pub use crate::store::{Desired, Event, HistoryEntry};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestBody {
+    /// The manifest's TOML text.
+    pub manifest: String,
+}
+
+/// What an app is doing right now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RunState {
+    Stopped,
+    Starting,
+    Running {
+        pid: i32,
+        since: i64,
+    },
+    /// Crashed (or failed to start) and waiting to be restarted.
+    Restarting {
+        at: i64,
+        reason: String,
+    },
+}
+
+impl RunState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunState::Stopped => "stopped",
+            RunState::Starting => "starting",
+            RunState::Running { .. } => "running",
+            RunState::Restarting { .. } => "restarting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppSummary {
+    pub name: String,
+    /// `reference@digest` the app is pinned to.
+    pub image: String,
+    pub desired: Desired,
+    pub run: RunState,
+    /// Restarts after crashes since the agent started.
+    pub restarts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub path: String,
+    pub host_path: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppDetail {
+    #[serde(flatten)]
+    pub summary: AppSummary,
+    pub manifest: String,
+    pub image_digest: String,
+    pub image_bytes: u64,
+    pub command: Vec<String>,
+    pub volumes: Vec<VolumeInfo>,
+    pub rootfs: String,
+    pub log_file: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageInfo {
+    pub references: Vec<String>,
+    pub digest: String,
+    pub layers: usize,
+    /// Unpacked size of all its layers.
+    pub bytes: u64,
+    /// Of `bytes`, what other images share.
+    pub shared_bytes: u64,
+    pub apps: Vec<String>,
+    pub created_at: i64,
+}
+
+/// One line of the NDJSON stream `POST /v1/apps` answers with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallLine {
+    Progress(Progress),
+    Done(AppSummary),
+    Error(ApiError),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    /// Manifest problems, when the manifest was the cause.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ValidateReply {
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentInfo {
+    pub version: String,
+    pub pid: u32,
+    pub zygote_pid: u32,
+    pub data_dir: String,
+}
+
+/// Sent in the `Homeport-Exec` header (hex of this JSON) of an exec/debug upgrade.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub args: Vec<String>,
+}
+
+/// Sent by the agent on the upgraded stream when the process ends: `exit <code>\n`.
+pub fn exit_line(code: i32) -> String {
+    format!("exit {code}\n")
+}

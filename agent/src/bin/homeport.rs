@@ -1,0 +1,484 @@
+//! `homeport`: the command line for the Homeport agent.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use homeport::api::client::Client;
+use homeport::api::types::{
+    AppDetail, AppSummary, HistoryEntry, ImageInfo, Progress, PruneReport, RunState, ValidateReply,
+};
+use homeport::manifest::Manifest;
+
+#[derive(Parser)]
+#[command(
+    name = "homeport",
+    version,
+    about = "Run self-hosted apps on a Homeport device"
+)]
+struct Cli {
+    /// The agent's API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "HOMEPORT_SOCKET",
+        default_value = "/var/lib/homeport/agent.sock"
+    )]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install an app from a manifest file and start it.
+    Install { file: PathBuf },
+    /// List installed apps.
+    Ls,
+    /// Start an app (it then stays running, also across agent restarts).
+    Start { app: String },
+    /// Stop an app (it then stays stopped, also across agent restarts).
+    Stop { app: String },
+    /// Restart an app.
+    Restart { app: String },
+    /// Show an app's output.
+    Logs {
+        app: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines to show from the end ("all" by default).
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Run a command inside a running app.
+    Exec {
+        app: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Open a shell in the filesystem of an app, running or not.
+    Debug { app: String },
+    /// Everything the agent knows about an app.
+    Inspect { app: String },
+    /// Every configuration change of an app, oldest first.
+    History { app: String },
+    /// Remove an app (its volumes are kept unless --purge-data).
+    Rm {
+        app: String,
+        #[arg(long)]
+        purge_data: bool,
+    },
+    /// List images, or remove unused ones.
+    Images {
+        #[command(subcommand)]
+        cmd: Option<ImagesCmd>,
+    },
+    /// Check a manifest file without installing it.
+    Validate { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// Remove images no app uses.
+    Prune,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("homeport: {e}");
+            std::process::exit(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("homeport: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<i32> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(0)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let c = Client::new(&cli.socket);
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Validate { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let problems = match Manifest::parse(&text) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.problems,
+            };
+            if json {
+                print_json(&ValidateReply {
+                    problems: problems.clone(),
+                })?;
+            } else if problems.is_empty() {
+                println!("{}: ok", file.display());
+            } else {
+                for p in &problems {
+                    eprintln!("{}:{p}", file.display());
+                }
+            }
+            Ok(if problems.is_empty() { 0 } else { 1 })
+        }
+        Cmd::Install { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let mut bar = ProgressBar::new(!json);
+            let s = c.install(&text, |p| bar.update(p)).await;
+            bar.finish();
+            let s = s?;
+            if json {
+                return print_json(&s);
+            }
+            println!("installed {} ({}): {}", s.name, s.image, s.run.label());
+            Ok(0)
+        }
+        Cmd::Ls => {
+            let apps: Vec<AppSummary> = c.get("/v1/apps").await?;
+            if json {
+                return print_json(&apps);
+            }
+            let rows: Vec<Vec<String>> = apps
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        state_text(&a.run),
+                        a.restarts.to_string(),
+                        a.image.clone(),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "STATE", "RESTARTS", "IMAGE"], &rows);
+            Ok(0)
+        }
+        Cmd::Start { app } => lifecycle(&c, &app, "start", json).await,
+        Cmd::Stop { app } => lifecycle(&c, &app, "stop", json).await,
+        Cmd::Restart { app } => lifecycle(&c, &app, "restart", json).await,
+        Cmd::Logs { app, follow, tail } => {
+            let mut out = std::io::stdout();
+            c.logs(&app, tail, follow, |b| {
+                let _ = out.write_all(b);
+                let _ = out.flush();
+            })
+            .await?;
+            Ok(0)
+        }
+        Cmd::Exec { app, command } => Ok(c.exec(&app, &command, [0, 1, 2], false).await?),
+        Cmd::Debug { app } => Ok(c.exec(&app, &[], [0, 1, 2], true).await?),
+        Cmd::Inspect { app } => {
+            let d: AppDetail = c.get(&format!("/v1/apps/{app}")).await?;
+            if json {
+                return print_json(&d);
+            }
+            print_detail(&d);
+            Ok(0)
+        }
+        Cmd::History { app } => {
+            let h: Vec<HistoryEntry> = c.get(&format!("/v1/apps/{app}/history")).await?;
+            if json {
+                return print_json(&h);
+            }
+            let rows: Vec<Vec<String>> = h
+                .iter()
+                .map(|e| {
+                    vec![
+                        time(e.at),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.detail.clone(),
+                    ]
+                })
+                .collect();
+            table(&["WHEN (UTC)", "WHO", "WHAT", "DETAIL"], &rows);
+            Ok(0)
+        }
+        Cmd::Rm { app, purge_data } => {
+            c.delete(&format!("/v1/apps/{app}?purge_data={purge_data}"))
+                .await?;
+            if !json {
+                println!(
+                    "removed {app}{}",
+                    if purge_data {
+                        " and its data"
+                    } else {
+                        " (volumes kept; --purge-data deletes them)"
+                    }
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Images {
+            cmd: Some(ImagesCmd::Prune),
+        } => {
+            let r: PruneReport = c.post("/v1/images/prune", &()).await?;
+            if json {
+                return print_json(&r);
+            }
+            for i in &r.images {
+                println!("removed {i}");
+            }
+            println!(
+                "{} images, {} layers, {} freed",
+                r.images.len(),
+                r.layers,
+                size(r.bytes)
+            );
+            Ok(0)
+        }
+        Cmd::Images { cmd: None } => {
+            let images: Vec<ImageInfo> = c.get("/v1/images").await?;
+            if json {
+                return print_json(&images);
+            }
+            let rows: Vec<Vec<String>> = images
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.references.join(", "),
+                        i.digest.chars().take(19).collect(),
+                        size(i.bytes),
+                        size(i.shared_bytes),
+                        if i.apps.is_empty() {
+                            "(unused)".into()
+                        } else {
+                            i.apps.join(", ")
+                        },
+                    ]
+                })
+                .collect();
+            table(&["IMAGE", "DIGEST", "SIZE", "SHARED", "APPS"], &rows);
+            Ok(0)
+        }
+    }
+}
+
+async fn lifecycle(c: &Client, app: &str, verb: &str, json: bool) -> anyhow::Result<i32> {
+    let s: AppSummary = c.post(&format!("/v1/apps/{app}/{verb}"), &()).await?;
+    if json {
+        return print_json(&s);
+    }
+    println!("{}: {}", s.name, state_text(&s.run));
+    Ok(0)
+}
+
+fn state_text(r: &RunState) -> String {
+    match r {
+        RunState::Running { pid, since } => format!("running (pid {pid}, since {})", time(*since)),
+        RunState::Restarting { reason, .. } => format!("restarting ({reason})"),
+        other => other.label().to_string(),
+    }
+}
+
+fn print_detail(d: &AppDetail) {
+    let s = &d.summary;
+    println!("name:      {}", s.name);
+    println!(
+        "state:     {} (desired: {:?}, restarts: {})",
+        state_text(&s.run),
+        s.desired,
+        s.restarts
+    );
+    println!("image:     {}", s.image);
+    println!("size:      {}", size(d.image_bytes));
+    println!("command:   {}", d.command.join(" "));
+    println!("rootfs:    {}", d.rootfs);
+    println!("logs:      {}", d.log_file);
+    println!(
+        "installed: {}   changed: {}",
+        time(d.created_at),
+        time(d.updated_at)
+    );
+    if !d.volumes.is_empty() {
+        println!("volumes:");
+        for v in &d.volumes {
+            println!(
+                "  {} -> {} ({}, {})",
+                v.name,
+                v.path,
+                v.host_path,
+                size(v.bytes)
+            );
+        }
+    }
+    println!("manifest:");
+    for l in d.manifest.lines() {
+        println!("  {l}");
+    }
+    if !d.events.is_empty() {
+        println!("recent events:");
+        for e in &d.events {
+            println!("  {}  {:<6} {}", time(e.at), e.kind, e.message);
+        }
+    }
+}
+
+fn table(head: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(head.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn size(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Pull progress: one line rewritten in place on a terminal (layers done, bytes, rate); a line
+/// per finished layer otherwise.
+struct ProgressBar {
+    enabled: bool,
+    tty: bool,
+    layers: usize,
+    total: u64,
+    done: std::collections::HashMap<String, u64>,
+    finished: usize,
+    start: Instant,
+    printed: bool,
+}
+
+impl ProgressBar {
+    fn new(enabled: bool) -> Self {
+        use std::io::IsTerminal;
+        ProgressBar {
+            enabled,
+            tty: std::io::stderr().is_terminal(),
+            layers: 0,
+            total: 0,
+            done: Default::default(),
+            finished: 0,
+            start: Instant::now(),
+            printed: false,
+        }
+    }
+
+    fn update(&mut self, p: &Progress) {
+        match p {
+            Progress::Resolved {
+                reference,
+                digest,
+                layers,
+                bytes,
+            } => {
+                self.layers = *layers;
+                self.total = *bytes;
+                if self.enabled {
+                    eprintln!("pulling {reference} ({digest})");
+                }
+                return;
+            }
+            Progress::Layer { digest, done, .. } => {
+                self.done.insert(digest.clone(), *done);
+            }
+            Progress::LayerDone { digest, bytes, .. } => {
+                self.finished += 1;
+                self.done.insert(digest.clone(), *bytes);
+            }
+        }
+        if !self.enabled || (!self.tty && !matches!(p, Progress::LayerDone { .. })) {
+            return;
+        }
+        let bytes: u64 = self.done.values().sum();
+        let rate = bytes as f64 / self.start.elapsed().as_secs_f64().max(0.001);
+        let line = format!(
+            "  layers {}/{}  {} / {}  {}/s",
+            self.finished,
+            self.layers,
+            size(bytes),
+            size(self.total),
+            size(rate as u64)
+        );
+        if self.tty {
+            eprint!("\r{line}   ");
+            self.printed = true;
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.printed {
+            eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_sizes() {
+        assert_eq!(time(0), "1970-01-01 00:00:00");
+        assert_eq!(time(1_782_000_000_000), "2026-06-21 00:00:00");
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(1536), "1.5 KiB");
+    }
+}

@@ -1,0 +1,162 @@
+//! `homeportd`: the Homeport agent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use homeport::daemon::{Agent, Config};
+use homeport::images::registry::{Credentials, RegistryConfig};
+use homeport::paths::Paths;
+
+#[derive(Parser)]
+#[command(name = "homeportd", version, about = "The Homeport agent")]
+struct Args {
+    /// Where all state lives.
+    #[arg(long, default_value = "/var/lib/homeport", env = "HOMEPORT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The API socket (default: DATA_DIR/agent.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// cgroup under which every app's cgroup is made.
+    #[arg(long, default_value = "homeport")]
+    cgroup_parent: String,
+    /// A registry (host[:port]) that may be reached over plain HTTP. Repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Registry credentials as HOST=USER:PASSWORD. Repeatable. (Also read from
+    /// DATA_DIR/registries.json: {"HOST": {"username": …, "password": …}}.)
+    #[arg(long = "registry-auth")]
+    registry_auth: Vec<String>,
+    /// Size at which an app's log file is rotated.
+    #[arg(long, default_value_t = homeport::runtime::logs::DEFAULT_CAP)]
+    log_cap: u64,
+    /// Seconds between SIGTERM and SIGKILL when an app is stopped.
+    #[arg(long, default_value_t = homeport::runtime::DEFAULT_STOP_GRACE.as_secs())]
+    stop_grace: u64,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// (internal) the single-threaded runtime helper; started by the agent itself.
+    #[command(hide = true)]
+    Zygote {
+        #[arg(long)]
+        root: PathBuf,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Some(Cmd::Zygote { root }) = &args.cmd {
+        // libcgroups warns at every start about controllers this kernel lacks.
+        init_tracing("warn,libcgroups=error");
+        homeport::runtime::zygote::serve(root);
+    }
+    init_tracing("info");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build();
+    let result = runtime
+        .context("start the async runtime")
+        .and_then(|rt| rt.block_on(run(args)));
+    if let Err(e) = result {
+        eprintln!("homeportd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOMEPORT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn registry_config(args: &Args) -> anyhow::Result<RegistryConfig> {
+    let mut config = RegistryConfig {
+        insecure: args.insecure_registries.clone(),
+        ..Default::default()
+    };
+    let file = args.data_dir.join("registries.json");
+    if file.exists() {
+        let text = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+        let creds: std::collections::HashMap<String, Credentials> =
+            serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not valid", file.display()))?;
+        config.credentials.extend(creds);
+    }
+    for a in &args.registry_auth {
+        let (host, up) = a
+            .split_once('=')
+            .context("--registry-auth takes HOST=USER:PASSWORD")?;
+        let (user, pass) = up
+            .split_once(':')
+            .context("--registry-auth takes HOST=USER:PASSWORD")?;
+        config.credentials.insert(
+            host.to_string(),
+            Credentials {
+                username: user.to_string(),
+                password: pass.to_string(),
+            },
+        );
+    }
+    Ok(config)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let paths = Paths::new(&args.data_dir);
+    let socket = args.socket.clone().unwrap_or_else(|| paths.socket());
+    let config = Config {
+        registries: registry_config(&args)?,
+        paths,
+        cgroup_parent: args.cgroup_parent.clone(),
+        log_cap: args.log_cap,
+        stop_grace: Duration::from_secs(args.stop_grace),
+    };
+    let agent = Arc::new(Agent::start(config).await?);
+    let listener = bind(&socket)?;
+    tracing::info!(socket = %socket.display(), "homeportd ready");
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    homeport::api::serve(agent.clone(), listener, shutdown).await;
+    // Apps keep running; the next agent re-adopts them.
+    agent.detach();
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("homeportd stopped; apps keep running");
+    Ok(())
+}
+
+fn bind(socket: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(socket);
+    // Bind with a restrictive umask so the socket is never briefly open to others.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = tokio::net::UnixListener::bind(socket);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener.with_context(|| format!("listen on {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", socket.display()))?;
+    Ok(listener)
+}

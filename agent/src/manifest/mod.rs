@@ -1,0 +1,514 @@
+//! The app manifest: what an app asks for, parsed and validated.
+//!
+//! Invariant: this module does no I/O. It turns TOML text into a [`Manifest`] or a list of
+//! [`Problem`]s, each with line, column, key and what is allowed.
+//!
+//! Sections are separate structs so later capabilities (`[https]`, `[database]`, `[cache]`,
+//! `[[port]]`, `[health]`, `[[hook]]`) slot in beside `[env]`, `[[volume]]` and `[resources]`.
+
+mod name;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::images::reference::ImageRef;
+pub use name::{AppName, NameError};
+
+/// A validated app manifest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Manifest {
+    pub name: AppName,
+    pub image: ImageRef,
+    /// Replaces the image's `Cmd` (the image's `Entrypoint` is kept, as Docker does).
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub volumes: Vec<Volume>,
+    pub resources: Resources,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    pub path: String,
+}
+
+/// cgroup limits; every app gets them, defaults apply where the manifest is silent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    pub memory_bytes: u64,
+    /// CPU quota in cores (1.5 = one and a half cores).
+    pub cpus: f64,
+    pub pids: u32,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            memory_bytes: 512 << 20,
+            cpus: 1.0,
+            pids: 512,
+        }
+    }
+}
+
+/// One thing wrong with a manifest, located in the source text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}:{}: {}", self.line, self.column, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}: {}: {}",
+                self.line, self.column, self.key, self.message
+            )
+        }
+    }
+}
+
+/// All problems found in one manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid manifest")?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+// The raw shape of the file. Every field is `Spanned` so a semantic problem can point at it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    name: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    volume: Vec<Spanned<RawVolume>>,
+    resources: Option<Spanned<RawResources>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: Spanned<String>,
+    path: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    memory: Option<Spanned<String>>,
+    cpus: Option<Spanned<f64>>,
+    pids: Option<Spanned<i64>>,
+}
+
+/// Keys a manifest may have at the top level; named in the message for an unknown key.
+const TOP_LEVEL_KEYS: &str = "name, image, command, env, volume, resources";
+
+impl Manifest {
+    /// Parses and validates manifest text. Reports every semantic problem it finds.
+    pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ManifestError {
+            problems: vec![syntax_problem(text, &e)],
+        })?;
+        let mut p = Problems {
+            text,
+            list: Vec::new(),
+        };
+
+        let name = match &raw.name {
+            None => {
+                p.push(0..0, "name", "missing: every app needs a name".into());
+                None
+            }
+            Some(n) => match AppName::try_from(n.get_ref().as_str()) {
+                Ok(name) => Some(name),
+                Err(e) => {
+                    p.push(n.span(), "name", e.to_string());
+                    None
+                }
+            },
+        };
+        let image = match &raw.image {
+            None => {
+                p.push(0..0, "image", "missing: name the OCI image to run".into());
+                None
+            }
+            Some(i) => match i.get_ref().parse::<ImageRef>() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    p.push(i.span(), "image", e.to_string());
+                    None
+                }
+            },
+        };
+        let command = raw.command.as_ref().map(|c| {
+            if c.get_ref().is_empty() {
+                p.push(
+                    c.span(),
+                    "command",
+                    "must not be empty (omit it to use the image's)".into(),
+                );
+            }
+            c.get_ref().clone()
+        });
+
+        let mut env = BTreeMap::new();
+        for (k, v) in &raw.env {
+            let key = k.get_ref();
+            if !valid_env_name(key) {
+                p.push(
+                    k.span(),
+                    &format!("env.{key}"),
+                    "variable names are letters, digits and _, not starting with a digit".into(),
+                );
+            }
+            if v.get_ref().contains('\0') {
+                p.push(
+                    v.span(),
+                    &format!("env.{key}"),
+                    "value contains a NUL byte".into(),
+                );
+            }
+            env.insert(key.clone(), v.get_ref().clone());
+        }
+
+        let mut volumes: Vec<Volume> = Vec::new();
+        for (i, v) in raw.volume.iter().enumerate() {
+            let v = v.get_ref();
+            let key = format!("volume[{i}]");
+            let vname = v.name.get_ref();
+            if !valid_volume_name(vname) {
+                p.push(
+                    v.name.span(),
+                    &format!("{key}.name"),
+                    format!("{vname:?} is not a valid volume name: use lower-case letters, digits, - and _ (at most 64)"),
+                );
+            }
+            let path = v.path.get_ref();
+            if let Err(why) = check_container_path(path) {
+                p.push(v.path.span(), &format!("{key}.path"), why);
+            }
+            if volumes.iter().any(|o| &o.name == vname) {
+                p.push(
+                    v.name.span(),
+                    &format!("{key}.name"),
+                    format!("volume {vname:?} is declared twice"),
+                );
+            }
+            if volumes.iter().any(|o| &o.path == path) {
+                p.push(
+                    v.path.span(),
+                    &format!("{key}.path"),
+                    format!("path {path:?} is used by two volumes"),
+                );
+            }
+            volumes.push(Volume {
+                name: vname.clone(),
+                path: path.clone(),
+            });
+        }
+
+        let mut resources = Resources::default();
+        if let Some(r) = &raw.resources {
+            let r = r.get_ref();
+            if let Some(m) = &r.memory {
+                match parse_size(m.get_ref()) {
+                    Some(b) if b >= 4 << 20 => resources.memory_bytes = b,
+                    Some(_) => p.push(m.span(), "resources.memory", "must be at least 4M".into()),
+                    None => p.push(
+                        m.span(),
+                        "resources.memory",
+                        format!(
+                            "{:?} is not a size: use a number with K, M or G (e.g. \"256M\")",
+                            m.get_ref()
+                        ),
+                    ),
+                }
+            }
+            if let Some(c) = &r.cpus {
+                let c_val = *c.get_ref();
+                if c_val > 0.0 && c_val <= 1024.0 {
+                    resources.cpus = c_val;
+                } else {
+                    p.push(
+                        c.span(),
+                        "resources.cpus",
+                        "must be a number of cores above 0 (e.g. 0.5 or 2)".into(),
+                    );
+                }
+            }
+            if let Some(n) = &r.pids {
+                match u32::try_from(*n.get_ref()) {
+                    Ok(v) if v >= 8 => resources.pids = v,
+                    _ => p.push(
+                        n.span(),
+                        "resources.pids",
+                        "must be a whole number of at least 8".into(),
+                    ),
+                }
+            }
+        }
+
+        if !p.list.is_empty() {
+            return Err(ManifestError { problems: p.list });
+        }
+        match (name, image) {
+            (Some(name), Some(image)) => Ok(Manifest {
+                name,
+                image,
+                command,
+                env,
+                volumes,
+                resources,
+            }),
+            _ => Err(ManifestError { problems: p.list }),
+        }
+    }
+}
+
+struct Problems<'a> {
+    text: &'a str,
+    list: Vec<Problem>,
+}
+
+impl Problems<'_> {
+    fn push(&mut self, span: Range<usize>, key: &str, message: String) {
+        let (line, column) = line_col(self.text, span.start);
+        self.list.push(Problem {
+            line,
+            column,
+            key: key.to_string(),
+            message,
+        });
+    }
+}
+
+fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+    let mut message = e.message().to_string();
+    // serde names the unknown field and the expected ones; say where the allowed keys are.
+    if message.starts_with("unknown field") && !message.contains("expected") {
+        message.push_str(&format!(", expected one of {TOP_LEVEL_KEYS}"));
+    }
+    let key = text
+        .get(e.span().unwrap_or(0..0))
+        .map(|s| {
+            s.trim_matches(|c: char| c == '"' || c.is_whitespace())
+                .to_string()
+        })
+        .filter(|s| s.len() < 64 && !s.contains('\n'))
+        .unwrap_or_default();
+    Problem {
+        line,
+        column,
+        key,
+        message,
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn valid_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn valid_volume_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// A path inside the container where something is mounted.
+fn check_container_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path:?} must be an absolute path inside the container"
+        ));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(format!("{path:?} must not contain \"..\""));
+    }
+    if path == "/" {
+        return Err("cannot mount a volume over the root directory".into());
+    }
+    const RESERVED: [&str; 4] = ["/proc", "/sys", "/dev", "/etc/hosts"];
+    if RESERVED
+        .iter()
+        .any(|r| path == *r || path.starts_with(&format!("{r}/")))
+    {
+        return Err(format!("{path:?} is reserved for the runtime"));
+    }
+    Ok(())
+}
+
+/// "256M" → bytes. Units are binary (K = 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let mult = match s[i..].trim().to_ascii_uppercase().as_str() {
+                "K" | "KB" | "KIB" => 1 << 10,
+                "M" | "MB" | "MIB" => 1 << 20,
+                "G" | "GB" | "GIB" => 1 << 30,
+                _ => return None,
+            };
+            (&s[..i], mult)
+        }
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Manifest::parse(text) {
+            Ok(m) => panic!("expected problems, got {m:?}"),
+            Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let m = Manifest::parse("name = \"wiki\"\nimage = \"redis\"\n").unwrap();
+        assert_eq!(m.name.as_str(), "wiki");
+        assert_eq!(m.image.to_string(), "docker.io/library/redis:latest");
+        assert_eq!(m.resources, Resources::default());
+        assert!(m.volumes.is_empty() && m.env.is_empty() && m.command.is_none());
+    }
+
+    #[test]
+    fn full_manifest() {
+        let m = Manifest::parse(
+            r#"
+name = "hello"
+image = "127.0.0.1:5000/busybox:1"
+command = ["/bin/httpd", "-f"]
+[env]
+GREETING = "hi"
+[[volume]]
+name = "data"
+path = "/data"
+[resources]
+memory = "64M"
+cpus = 0.5
+pids = 64
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m.command.as_deref(),
+            Some(&["/bin/httpd".to_string(), "-f".to_string()][..])
+        );
+        assert_eq!(m.env["GREETING"], "hi");
+        assert_eq!(
+            m.volumes,
+            vec![Volume {
+                name: "data".into(),
+                path: "/data".into()
+            }]
+        );
+        assert_eq!(
+            m.resources,
+            Resources {
+                memory_bytes: 64 << 20,
+                cpus: 0.5,
+                pids: 64
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_located_and_names_allowed_keys() {
+        let p = problems("name = \"a\"\nimage = \"redis\"\nimgae = \"x\"\n");
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("3:1: imgae: unknown field `imgae`"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("image"), "{p:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported() {
+        let p = problems(
+            "name = \"Bad_Name\"\nimage = \"Redis\"\ncommand = []\n[env]\n1X = \"v\"\n[[volume]]\nname = \"d\"\npath = \"rel\"\n[[volume]]\nname = \"d\"\npath = \"/proc/x\"\n[resources]\nmemory = \"lots\"\ncpus = 0.0\npids = 2\n",
+        );
+        let joined = p.join("\n");
+        for needle in [
+            "1:8: name:",
+            "2:9: image:",
+            "3:11: command: must not be empty",
+            "5:1: env.1X:",
+            "8:8: volume[0].path: \"rel\" must be an absolute path",
+            "10:8: volume[1].name: volume \"d\" is declared twice",
+            "11:8: volume[1].path: \"/proc/x\" is reserved",
+            "13:10: resources.memory: \"lots\" is not a size",
+            "14:8: resources.cpus:",
+            "15:8: resources.pids:",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
+        }
+    }
+
+    #[test]
+    fn missing_name_and_image() {
+        let p = problems("command = [\"x\"]\n");
+        assert!(p.iter().any(|s| s.contains("name: missing")), "{p:?}");
+        assert!(p.iter().any(|s| s.contains("image: missing")), "{p:?}");
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let p = problems("name = \"a\"\nimage = \n");
+        assert!(p[0].starts_with("2:"), "{p:?}");
+    }
+
+    #[test]
+    fn sizes() {
+        for (input, expected) in [
+            ("256M", Some(256 << 20)),
+            ("1G", Some(1 << 30)),
+            ("1024", Some(1024)),
+            ("64 MiB", Some(64 << 20)),
+            ("12Q", None),
+            ("", None),
+            ("M", None),
+        ] {
+            assert_eq!(parse_size(input), expected, "{input}");
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Homeport's benchmarks, each against the tool a user would otherwise use, in the same run.
+//! Figures go to `target/bench/NAME.json` and to stdout. Not tests: nothing here fails for
+//! being slow.
+//!
+//! `homeport-bench [start|pull|memory|all] [--bin-dir target/release]`
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use homeport::api::client::Client;
+use homeport::api::types::{AppSummary, RunState};
+use homeport_testkit::{AgentOpts, AgentProcess, BusyboxOpts, Registry};
+use serde_json::json;
+
+fn main() -> Result<()> {
+    let mut which = "all".to_string();
+    let mut bin_dir = PathBuf::from("target/release");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--bin-dir" => bin_dir = args.next().context("--bin-dir needs a path")?.into(),
+            "start" | "pull" | "memory" | "all" => which = a,
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    let bins = std::fs::canonicalize(&bin_dir)
+        .with_context(|| format!("{} (build with --release)", bin_dir.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if which == "start" || which == "all" {
+        rt.block_on(start_latency(&bins))?;
+    }
+    if which == "pull" || which == "all" {
+        rt.block_on(pull(&bins))?;
+    }
+    if which == "memory" || which == "all" {
+        rt.block_on(memory(&bins))?;
+    }
+    Ok(())
+}
+
+fn report(name: &str, value: serde_json::Value) -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let text = serde_json::to_string_pretty(&value)?;
+    std::fs::write(dir.join(format!("{name}.json")), &text)?;
+    println!("{name}: {text}");
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn agent(bins: &Path, reg: &Registry) -> Result<AgentProcess> {
+    AgentProcess::start(
+        &bins.join("homeportd"),
+        AgentOpts {
+            insecure_registries: vec![reg.host()],
+            stop_grace_secs: 1,
+            ..Default::default()
+        },
+    )
+}
+
+/// Start request → the app's process running, Homeport's API against `crun run --detach`
+/// of the same bundle.
+async fn start_latency(bins: &Path) -> Result<()> {
+    const RUNS: usize = 15;
+    let reg = Registry::start()?;
+    homeport_testkit::push_busybox(&reg, "bench", "1", &BusyboxOpts::default())?;
+    let a = agent(bins, &reg)?;
+    let c = a.client();
+    let m = format!(
+        "name = \"lat\"\nimage = \"{}/bench:1\"\ncommand = [\"/bin/sleep\", \"3600\"]\n",
+        reg.host()
+    );
+    c.install(&m, |_| {}).await?;
+    let mut ours = Vec::new();
+    for _ in 0..RUNS {
+        c.post::<AppSummary, _>("/v1/apps/lat/stop", &()).await?;
+        let t = Instant::now();
+        let s: AppSummary = c.post("/v1/apps/lat/start", &()).await?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        match s.run {
+            RunState::Running { pid, .. } if Path::new(&format!("/proc/{pid}")).exists() => {
+                ours.push(ms)
+            }
+            other => bail!("start did not run the app: {other:?}"),
+        }
+    }
+    c.post::<AppSummary, _>("/v1/apps/lat/stop", &()).await?;
+
+    // crun on the very bundle the agent wrote (own cgroup path and state root).
+    let work = tempfile::tempdir()?;
+    let bundle = work.path().join("bundle");
+    std::fs::create_dir_all(&bundle)?;
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        a.data_dir().join("apps/lat/bundle/config.json"),
+    )?)?;
+    spec["linux"]["cgroupsPath"] = json!("/homeport-bench-crun/lat");
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)?;
+    let root = work.path().join("state");
+    let mut theirs = Vec::new();
+    for i in 0..RUNS {
+        let id = format!("crun-lat-{i}");
+        let t = Instant::now();
+        run(Command::new("crun")
+            .arg("--root")
+            .arg(&root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(&bundle)
+            .arg(&id))?;
+        theirs.push(t.elapsed().as_secs_f64() * 1000.0);
+        run(Command::new("crun")
+            .arg("--root")
+            .arg(&root)
+            .args(["delete", "--force", &id]))?;
+    }
+    for c in homeport_testkit::cgroup_controllers() {
+        let _ = std::fs::remove_dir(
+            Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join("homeport-bench-crun"),
+        );
+    }
+    let (o, t) = (median(ours.clone()), median(theirs.clone()));
+    report(
+        "start_latency",
+        json!({
+            "what": "start request -> app process running, median ms",
+            "runs": RUNS,
+            "homeport_ms": o, "crun_ms": t, "ratio_vs_crun": o / t, "target_ratio": 1.0,
+            "homeport_all_ms": ours, "crun_all_ms": theirs,
+        }),
+    )
+}
+
+/// Pull + unpack of a multi-layer image from the local registry: Homeport's image store
+/// against `skopeo copy` + `umoci unpack`.
+async fn pull(bins: &Path) -> Result<()> {
+    const RUNS: usize = 5;
+    let reg = Registry::start()?;
+    let mut layout = homeport_testkit::OciLayout::new()?;
+    let mut layers = vec![homeport_testkit::busybox_layer()?];
+    // Four more layers: compressible text and incompressible data, many files, ~60 MiB unpacked.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for l in 0..4 {
+        let mut b = homeport_testkit::LayerBuilder::new();
+        for f in 0..400 {
+            let mut data = vec![0u8; 32 << 10];
+            for (i, byte) in data.iter_mut().enumerate() {
+                if f % 2 == 0 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *byte = x as u8;
+                } else {
+                    *byte = b"homeport benchmark text\n"[i % 24];
+                }
+            }
+            b.file(&format!("/data{l}/dir{}/file{f}", f % 20), 0o644, &data)?;
+        }
+        layers.push(b.into_layer()?);
+    }
+    let config = homeport_testkit::ImageConfig::default();
+    let desc = layout.add_image(&layers, &config)?;
+    layout.tag("1", &desc)?;
+    homeport_testkit::push_layout(&reg, layout.path(), "bench/big", "1", &Default::default())?;
+
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for _ in 0..RUNS {
+        // Homeport: a fresh agent each time (empty store); time the install's pull via the API
+        // progress: from the request to the last layer done.
+        let a = agent(bins, &reg)?;
+        let c = a.client();
+        let m = format!(
+            "name = \"big\"\nimage = \"{}/bench/big:1\"\ncommand = [\"/bin/sleep\", \"1\"]\n",
+            reg.host()
+        );
+        let t = Instant::now();
+        let mut pulled = None;
+        let mut done = 0;
+        c.install(&m, |p| {
+            if let homeport::api::types::Progress::LayerDone { .. } = p {
+                done += 1;
+                if done == layers.len() {
+                    pulled = Some(t.elapsed());
+                }
+            }
+        })
+        .await?;
+        ours.push(pulled.context("no pull progress")?.as_secs_f64() * 1000.0);
+        drop(a);
+
+        let work = tempfile::tempdir()?;
+        let oci = work.path().join("oci");
+        let t = Instant::now();
+        run(Command::new("skopeo")
+            .args([
+                "copy",
+                "--insecure-policy",
+                "--src-tls-verify=false",
+                "--src-no-creds",
+            ])
+            .arg(format!("docker://{}/bench/big:1", reg.host()))
+            .arg(format!("oci:{}:1", oci.display())))?;
+        run(Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:1", oci.display()))
+            .arg(work.path().join("bundle")))?;
+        theirs.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (o, t) = (median(ours.clone()), median(theirs.clone()));
+    report(
+        "pull",
+        json!({
+            "what": "pull + unpack of a 5-layer image (~60 MiB unpacked, 1600 files) from a local registry, median ms",
+            "runs": RUNS,
+            "homeport_ms": o, "skopeo_umoci_ms": t, "ratio_vs_skopeo_umoci": o / t, "target_ratio": 0.5,
+            "homeport_all_ms": ours, "skopeo_umoci_all_ms": theirs,
+        }),
+    )
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Resident memory of the idle agent with 5 apps installed and running.
+async fn memory(bins: &Path) -> Result<()> {
+    let reg = Registry::start()?;
+    homeport_testkit::push_busybox(&reg, "bench", "1", &BusyboxOpts::default())?;
+    let a = agent(bins, &reg)?;
+    let c: Client = a.client();
+    for i in 0..5 {
+        let m = format!("name = \"app{i}\"\nimage = \"{}/bench:1\"\n", reg.host());
+        c.install(&m, |_| {}).await?;
+    }
+    // Let it settle: supervisors idle, log checks ticking.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let info: homeport::api::types::AgentInfo = c.get("/v1/info").await?;
+    let agent_kib = rss_kib(info.pid)?;
+    let zygote_kib = rss_kib(info.zygote_pid)?;
+    report(
+        "memory",
+        json!({
+            "what": "resident memory (VmRSS) of the idle agent with 5 apps installed and running",
+            "agent_mib": agent_kib as f64 / 1024.0,
+            "zygote_mib": zygote_kib as f64 / 1024.0,
+            "total_mib": (agent_kib + zygote_kib) as f64 / 1024.0,
+            "target_agent_mib": 20.0,
+        }),
+    )
+}

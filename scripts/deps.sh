@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on Debian bookworm (as root).
+set -euo pipefail
+pkgs=(
+  gcc pkg-config libseccomp-dev          # build: libcontainer links libseccomp
+  docker-registry skopeo umoci           # tests: a real OCI registry, images built and pushed
+  busybox-static apache2-utils openssl   # tests: image contents, htpasswd, token-auth keys
+  ca-certificates util-linux
+  crun hyperfine                         # benchmarks: the runtime we compare against
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "deps: cargo is missing (install Rust with rustup)" >&2; exit 1; }
+rustup component add rustfmt clippy >/dev/null 2>&1 || true

@@ -1,0 +1,334 @@
+//! A `homeportd` under test: its own data directory, socket and cgroup parent; killed (or
+//! stopped) on drop, with every app removed and every mount under its data dir undone.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use homeport::api::client::Client;
+
+#[derive(Debug, Clone)]
+pub struct AgentOpts {
+    pub insecure_registries: Vec<String>,
+    pub registry_auth: Vec<String>,
+    pub stop_grace_secs: u64,
+    pub log_cap: Option<u64>,
+    /// Extra environment (e.g. HOMEPORT_CRASHPOINT).
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        AgentOpts {
+            insecure_registries: Vec::new(),
+            registry_auth: Vec::new(),
+            stop_grace_secs: 2,
+            log_cap: None,
+            env: Vec::new(),
+        }
+    }
+}
+
+enum DataDir {
+    Temp(tempfile::TempDir),
+    Fixed(PathBuf),
+}
+
+impl DataDir {
+    fn path(&self) -> &Path {
+        match self {
+            DataDir::Temp(t) => t.path(),
+            DataDir::Fixed(p) => p,
+        }
+    }
+}
+
+pub struct AgentProcess {
+    bin: PathBuf,
+    data: DataDir,
+    cgroup_parent: String,
+    opts: AgentOpts,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `bin` (the homeportd binary) and waits until its API answers.
+    pub fn start(bin: &Path, opts: AgentOpts) -> Result<AgentProcess> {
+        let data = DataDir::Temp(
+            tempfile::Builder::new()
+                .prefix("homeport-test-")
+                .tempdir()?,
+        );
+        let cgroup_parent = format!("homeport-test-{}-{}", std::process::id(), crate::unique());
+        Self::start_with(bin, data, cgroup_parent, opts)
+    }
+
+    /// An agent whose state lives in `data_dir` (kept after drop; its apps are removed).
+    pub fn start_in(
+        bin: &Path,
+        data_dir: &Path,
+        cgroup_parent: &str,
+        opts: AgentOpts,
+    ) -> Result<AgentProcess> {
+        std::fs::create_dir_all(data_dir)?;
+        Self::start_with(
+            bin,
+            DataDir::Fixed(data_dir.to_path_buf()),
+            cgroup_parent.to_string(),
+            opts,
+        )
+    }
+
+    fn start_with(
+        bin: &Path,
+        data: DataDir,
+        cgroup_parent: String,
+        opts: AgentOpts,
+    ) -> Result<AgentProcess> {
+        let log = data.path().join("agent.log");
+        let mut a = AgentProcess {
+            bin: bin.to_path_buf(),
+            data,
+            cgroup_parent,
+            opts,
+            child: None,
+            log,
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data.path().join("agent.sock")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.socket())
+    }
+
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's own log (stderr), for assertions and failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--data-dir")
+            .arg(self.data.path())
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent);
+        c.arg("--stop-grace")
+            .arg(self.opts.stop_grace_secs.to_string());
+        for r in &self.opts.insecure_registries {
+            c.arg("--insecure-registry").arg(r);
+        }
+        for r in &self.opts.registry_auth {
+            c.arg("--registry-auth").arg(r);
+        }
+        if let Some(cap) = self.opts.log_cap {
+            c.arg("--log-cap").arg(cap.to_string());
+        }
+        c.env("HOMEPORT_LOG", "info,homeport=debug");
+        for (k, v) in &self.opts.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Starts the agent (again) and waits for its socket to answer.
+    pub fn spawn(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.bin.display()))?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Like [`spawn`](Self::spawn) but with one more environment variable (a crash point).
+    pub fn spawn_with_env(&mut self, key: &str, value: &str) -> Result<()> {
+        self.opts.env.retain(|(k, _)| k != key);
+        self.opts.env.push((key.to_string(), value.to_string()));
+        let r = self.spawn();
+        self.opts.env.retain(|(k, _)| k != key);
+        r
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    bail!(
+                        "homeportd exited with {status} before it served; its log:\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "homeportd did not serve within {limit:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9` the agent (its apps keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the agent to exit by itself (e.g. at a crash point); returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    self.child = None;
+                    return Ok(st);
+                }
+            } else {
+                bail!("the agent is not running");
+            }
+            if start.elapsed() > limit {
+                bail!("the agent did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait: a clean agent stop (apps keep running).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: sending a signal to our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs the `homeport` CLI binary against this agent.
+    pub fn cli(&self, homeport_bin: &Path, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(homeport_bin)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// Removes every app (with data) through the API, then stops the agent.
+    fn cleanup(&mut self) {
+        if self.child.is_none() {
+            let _ = self.spawn();
+        }
+        if self.child.is_some() {
+            // On a thread of its own: drop may run inside a test's async runtime.
+            let client = self.client();
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    let apps: Vec<serde_json::Value> =
+                        client.get("/v1/apps").await.unwrap_or_default();
+                    for a in apps {
+                        if let Some(name) = a["name"].as_str() {
+                            let _ = client
+                                .delete(&format!("/v1/apps/{name}?purge_data=true"))
+                                .await;
+                        }
+                    }
+                });
+            })
+            .join();
+            self.stop();
+        }
+        // Anything still mounted below the data dir (a test that failed half way).
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let root = self.data.path().to_string_lossy().into_owned();
+            let mut points: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(&root))
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                if let Ok(c) = std::ffi::CString::new(p) {
+                    // SAFETY: umount2 with a valid C string; failure is harmless here.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+        }
+        for ctrl in cgroup_controllers() {
+            let _ = std::fs::remove_dir(
+                Path::new("/sys/fs/cgroup")
+                    .join(ctrl)
+                    .join(&self.cgroup_parent),
+            );
+        }
+    }
+}
+
+/// The cgroup hierarchies on this machine (v1 controllers, or "" for a pure v2 mount).
+pub fn cgroup_controllers() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir() && !e.path().is_symlink())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        out = vec![String::new()];
+    }
+    out
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// The cgroup directories an app of an agent with `parent` would have.
+pub fn cgroup_controllers_for(parent: &str, app: &str) -> Vec<PathBuf> {
+    cgroup_controllers()
+        .iter()
+        .map(|c| Path::new("/sys/fs/cgroup").join(c).join(parent).join(app))
+        .collect()
+}
