@@ -1,5 +1,7 @@
 //! The `homeport` CLI end to end: exit codes and messages a person sees.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap what they just built
+
 mod common;
 
 use std::path::Path;

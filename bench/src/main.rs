@@ -178,7 +178,7 @@ async fn pull(bins: &Path) -> Result<()> {
                     *byte = b"homeport benchmark text\n"[i % 24];
                 }
             }
-            b.file(&format!("/data{l}/dir{}/file{f}", f % 20), 0o644, &data)?;
+            b.file(&format!("data{l}/dir{}/file{f}", f % 20), 0o644, &data)?;
         }
         layers.push(b.into_layer()?);
     }

@@ -1,5 +1,7 @@
 //! Every ready-made image pushes, and what arrives in the registry is what was meant.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap what they just built
+
 mod common;
 
 use anyhow::{ensure, Context, Result};

@@ -1,5 +1,7 @@
 //! The registries start, take pushes, enforce their auth and go away on drop.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap what they just built
+
 mod common;
 
 use anyhow::{ensure, Result};

@@ -81,7 +81,7 @@ pub const ROUTES: &[Route] = routes! {
 fn route<'a>(method: &Method, path: &'a str) -> Option<(Op, Option<&'a str>)> {
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     ROUTES.iter().find_map(|r| {
-        if &r.method != method {
+        if r.method != method {
             return None;
         }
         let pat: Vec<&str> = r.path.split('/').collect();

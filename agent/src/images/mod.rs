@@ -229,7 +229,7 @@ impl Images {
         progress: &(dyn Fn(Progress) + Sync),
         created: &mut Vec<i64>,
     ) -> Result<Vec<i64>> {
-        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        use futures_util::stream::{self, StreamExt};
         let mut ids = vec![0i64; layers.len()];
         let mut todo = Vec::new();
         for (i, l) in layers.iter().enumerate() {
@@ -265,11 +265,14 @@ impl Images {
             ids[i] = id;
             jobs.push((i, id));
         }
-        let done: Vec<(i64, u64)> = stream::iter(jobs)
+        // Every download runs to its end (each cleans up after itself on failure) before an
+        // error is returned, so nothing is still writing into tmp/ when the pull gives up.
+        let results: Vec<Result<(i64, u64)>> = stream::iter(jobs)
             .map(|(i, id)| self.fetch_layer(r, &layers[i], &diff_ids[i], id, progress))
             .buffer_unordered(PARALLEL_LAYERS)
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
+        let done = results.into_iter().collect::<Result<Vec<_>>>()?;
         for (id, bytes) in done {
             crate::crashpoint("pull:layer-unpacked");
             self.store.finish_layer(id, bytes)?;

@@ -140,11 +140,14 @@ struct Exits {
     children: std::collections::HashSet<i32>,
 }
 
+/// Callers waiting for the reply to their request, by request id.
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Reply, String>>>>;
+
 pub struct Zygote {
     sock: Arc<OwnedFd>,
     send_lock: Mutex<()>,
     next_id: AtomicU64,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, String>>>>>,
+    pending: Arc<Pending>,
     exits: Arc<Mutex<Exits>>,
     child: Mutex<Child>,
     closing: Arc<std::sync::atomic::AtomicBool>,
@@ -288,7 +291,7 @@ async fn wait_pidfd(pid: i32) {
 
 fn reader(
     sock: &OwnedFd,
-    pending: &Mutex<HashMap<u64, oneshot::Sender<Result<Reply, String>>>>,
+    pending: &Pending,
     exits: &Mutex<Exits>,
     closing: &std::sync::atomic::AtomicBool,
 ) {

@@ -163,9 +163,15 @@ pub fn cgroup_dirs(agent: &AgentProcess, app: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Whether a process exists and is not a zombie (an orphaned app that was killed stays a
+/// zombie until the host's init reaps it).
 pub fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 /// Entries of a directory (names), empty if it does not exist.
