@@ -283,3 +283,104 @@ async fn layers_are_shared_pruned_and_tags_pinned() -> Result<()> {
     assert!(images.iter().all(|i| !i.apps.is_empty()));
     Ok(())
 }
+
+/// A "registry" that answers every request with 200 and a body that is not JSON.
+fn garbage_registry() -> Result<(String, std::thread::JoinHandle<()>)> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let handle = std::thread::spawn(move || {
+        // Serve a bounded number of connections, then stop.
+        for stream in listener.incoming().take(8) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let body = "<html>surprise</html>";
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok((addr, handle))
+}
+
+#[tokio::test]
+async fn a_registry_answering_garbage_gets_a_clear_error() -> Result<()> {
+    let (addr, _server) = garbage_registry()?;
+    let agent = AgentProcess::start(
+        Path::new(HOMEPORTD),
+        AgentOpts {
+            insecure_registries: vec![addr.clone()],
+            ..Default::default()
+        },
+    )?;
+    let m = format!("name = \"junk\"\nimage = \"{addr}/junk:1\"\n");
+    let err = agent.client().install(&m, |_| {}).await.unwrap_err();
+    assert_eq!(err.status(), Some(502), "{err}");
+    assert!(err.to_string().contains("invalid manifest"), "{err}");
+    assert_nothing_left(&agent, "junk");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_disk_gets_a_clear_error_and_leaves_nothing() -> Result<()> {
+    // The data directory on a 6 MiB tmpfs; the image unpacks to more than that.
+    let mnt = tempfile::tempdir()?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "homeport-test-full"])
+        .arg(mnt.path())
+        .status()?;
+    assert!(status.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_path_buf());
+
+    let registry = Registry::start()?;
+    let mut layer = homeport_testkit::LayerBuilder::new();
+    layer.file("fill/zeros", 0o644, &vec![0u8; 8 << 20])?; // compresses to almost nothing
+    let mut layout = homeport_testkit::OciLayout::new()?;
+    let config = homeport_testkit::ImageConfig {
+        cmd: Some(vec!["/bin/sleep".into(), "3600".into()]),
+        ..Default::default()
+    };
+    let desc = layout.add_image(
+        &[homeport_testkit::busybox_layer()?, layer.into_layer()?],
+        &config,
+    )?;
+    layout.tag("1", &desc)?;
+    homeport_testkit::push_layout(&registry, layout.path(), "fat", "1", &Default::default())?;
+
+    let agent = AgentProcess::start_in(
+        Path::new(HOMEPORTD),
+        &mnt.path().join("data"),
+        &format!("homeport-test-full-{}", std::process::id()),
+        AgentOpts {
+            insecure_registries: vec![registry.host()],
+            ..Default::default()
+        },
+    )?;
+    let m = format!("name = \"fat\"\nimage = \"{}/fat:1\"\n", registry.host());
+    let err = agent.client().install(&m, |_| {}).await.unwrap_err();
+    assert_eq!(err.status(), Some(507), "{err}");
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    assert_nothing_left(&agent, "fat");
+    // The agent still works: a small app installs once space is there.
+    push_hello(&registry, "hello", "1")?;
+    let m = format!(
+        "name = \"hello\"\nimage = \"{}/hello:1\"\n",
+        registry.host()
+    );
+    agent.client().install(&m, |_| {}).await?;
+    wait_running(&agent.client(), "hello").await?;
+    drop(agent);
+    Ok(())
+}
