@@ -54,8 +54,11 @@ async fn app_serves_and_is_removed_without_leftovers() -> Result<()> {
     let bnd = u64::from_str_radix(bnd, 16)?;
     assert_eq!(bnd & (1 << 21), 0, "CAP_SYS_ADMIN must be dropped: {bnd:x}");
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
-    // The app's own processes run under the seccomp filter. (Processes started by `exec` do
-    // not: libcontainer 0.7's tenant path drops the profile; see ARCHITECTURE.md.)
+    // The app's own processes and those started by `exec` run under the seccomp filter.
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "exec'd processes are filtered: {status}"
+    );
     let (_, init_status) = exec(&c, "hello", &["cat", "/proc/1/status"]).await?;
     assert!(
         init_status.contains("Seccomp:\t2"),

@@ -171,6 +171,7 @@ impl Runtime {
             args,
             env: Vec::new(),
             stdio: Stdio3::Passed,
+            seccomp: Some(spec::exec_seccomp()),
         };
         match self.call(name, op, &fds).await? {
             Reply::Pid(pid) => Ok(pid),

@@ -159,6 +159,21 @@ pub const DENIED_SYSCALLS: &[&str] = &[
 
 const CPU_PERIOD: u64 = 100_000;
 
+fn seccomp<'a>(denied: impl Iterator<Item = &'a str>) -> Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        "syscalls": [{"names": denied.collect::<Vec<_>>(), "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
+    })
+}
+
+/// The profile for processes started by `exec`: the app's, except `setns`, which joining the
+/// app's namespaces needs (the profile is loaded before that join). Without CAP_SYS_ADMIN the
+/// process itself cannot use `setns` anyway.
+pub fn exec_seccomp() -> Value {
+    seccomp(DENIED_SYSCALLS.iter().copied().filter(|s| *s != "setns"))
+}
+
 pub fn build(input: &SpecInput) -> Value {
     let caps: Vec<&str> = DEFAULT_CAPS.to_vec();
     let mut mounts = vec![
@@ -208,11 +223,7 @@ pub fn build(input: &SpecInput) -> Value {
             },
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
-            "seccomp": {
-                "defaultAction": "SCMP_ACT_ALLOW",
-                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
-                "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
-            },
+            "seccomp": seccomp(DENIED_SYSCALLS.iter().copied()),
         },
     })
 }

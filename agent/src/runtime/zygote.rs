@@ -43,12 +43,15 @@ pub enum Op {
         bundle: PathBuf,
         stdio: Stdio3,
     },
-    /// Run a process in a running container; replies its pid.
+    /// Run a process in a running container; replies its pid. libcontainer's tenant path does
+    /// not apply the container's seccomp profile, so the zygote loads `seccomp` (an OCI
+    /// `linux.seccomp` object) itself before starting the process.
     Exec {
         id: String,
         args: Vec<String>,
         env: Vec<(String, String)>,
         stdio: Stdio3,
+        seccomp: Option<serde_json::Value>,
     },
     Kill {
         id: String,
@@ -362,6 +365,11 @@ pub fn serve(root: &Path) -> ! {
     // SIGCHLD is blocked (so signalfd sees it) except around libcontainer calls, so that
     // container processes never inherit a blocked SIGCHLD.
     let _ = chld.thread_block();
+    // Processes started by `exec` are orphaned when the short-lived process that built them
+    // exits; as a subreaper the zygote still reaps them and reports their exit status.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        eprintln!("homeportd zygote: cannot become a subreaper: {e}");
+    }
     let sfd = match SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
         Ok(s) => s,
         Err(e) => {
@@ -514,15 +522,26 @@ fn handle(root: &Path, op: Op, fds: Vec<OwnedFd>) -> Result<Reply, String> {
             args,
             env,
             stdio,
+            seccomp,
         } => {
-            let pid = builder(&id, &stdio, fds)?
-                .as_tenant()
-                .with_container_args(args)
-                .with_env(env.into_iter().collect())
-                .with_detach(true)
-                .build()
-                .map_err(|e| format!("exec in container {id}: {e}"))?;
-            Ok(Reply::Pid(pid.as_raw()))
+            let build = move || -> Result<i32, String> {
+                if let Some(profile) = &seccomp {
+                    let profile: oci_spec::runtime::LinuxSeccomp =
+                        serde_json::from_value(profile.clone())
+                            .map_err(|e| format!("seccomp profile: {e}"))?;
+                    libcontainer::seccomp::initialize_seccomp(&profile)
+                        .map_err(|e| format!("load seccomp profile: {e}"))?;
+                }
+                let pid = builder(&id, &stdio, fds)?
+                    .as_tenant()
+                    .with_container_args(args)
+                    .with_env(env.into_iter().collect())
+                    .with_detach(true)
+                    .build()
+                    .map_err(|e| format!("exec in container {id}: {e}"))?;
+                Ok(pid.as_raw())
+            };
+            in_child(build).map(Reply::Pid)
         }
         Op::Kill { id, signal, all } => {
             let mut c = load(&id)?;
@@ -551,6 +570,41 @@ fn handle(root: &Path, op: Op, fds: Vec<OwnedFd>) -> Result<Reply, String> {
                 status: format!("{:?}", c.status()).to_lowercase(),
                 pid: c.pid().map(|p| p.as_raw()),
             })))
+        }
+    }
+}
+
+/// Runs `f` in a forked child (the zygote is single-threaded, so forking is safe) and returns
+/// its result: a seccomp filter loaded there binds only that child and what it starts.
+fn in_child(f: impl FnOnce() -> Result<i32, String>) -> Result<i32, String> {
+    use std::io::{Read, Write};
+    let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: the zygote is single-threaded, so the child starts with consistent locks; it
+    // only runs `f`, writes the result and calls _exit.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(format!("fork: {e}")),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(r);
+            let result = f();
+            let mut w = std::fs::File::from(w);
+            let _ = w.write_all(
+                serde_json::to_string(&result)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            drop(w);
+            // SAFETY: _exit ends the child without running destructors or atexit handlers
+            // that belong to the zygote.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(w);
+            let mut out = String::new();
+            let read = std::fs::File::from(r).read_to_string(&mut out);
+            let _ = nix::sys::wait::waitpid(child, None);
+            read.map_err(|e| format!("read from the exec helper: {e}"))?;
+            serde_json::from_str::<Result<i32, String>>(&out)
+                .map_err(|_| "the exec helper died before it answered".to_string())?
         }
     }
 }
