@@ -294,3 +294,62 @@ async fn exec_and_debug() -> Result<()> {
         .any(|e| e.contains("debug")));
     Ok(())
 }
+
+#[tokio::test]
+async fn logs_follow_and_rotate() -> Result<()> {
+    let registry = homeport_testkit::Registry::start()?;
+    push_hello(&registry, "hello", "1")?;
+    let agent = homeport_testkit::AgentProcess::start(
+        std::path::Path::new(HOMEPORTD),
+        homeport_testkit::AgentOpts {
+            insecure_registries: vec![registry.host()],
+            log_cap: Some(4096),
+            ..Default::default()
+        },
+    )?;
+    let c = agent.client();
+    let m = format!(
+        "name = \"chatty\"\nimage = \"{}/hello:1\"\ncommand = [\"/bin/sh\", \"-c\", \"i=0; while true; do echo line $i; i=$((i+1)); sleep 0.02; done\"]\n",
+        registry.host()
+    );
+    c.install(&m, |_| {}).await?;
+    wait_running(&c, "chatty").await?;
+
+    // --follow keeps delivering new lines.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let (c2, seen2) = (c.clone(), seen.clone());
+    let follow = tokio::spawn(async move {
+        let _ = c2
+            .logs("chatty", Some(1), true, |b| {
+                seen2.lock().unwrap().extend_from_slice(b)
+            })
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lines = String::from_utf8_lossy(&seen.lock().unwrap())
+        .lines()
+        .count();
+    assert!(lines > 10, "follow delivered {lines} lines in 1.5 s");
+
+    // The log is rotated at the cap (checked every 5 s): at most two files, each bounded.
+    let logs = agent.data_dir().join("apps/chatty/logs");
+    wait_for("a rotation", Duration::from_secs(15), || async {
+        Ok(logs.join("current.log.1").exists())
+    })
+    .await?;
+    let rotated = std::fs::metadata(logs.join("current.log.1"))?.len();
+    assert!(
+        rotated > 4096 && rotated < 64 << 10,
+        "rotated file is {rotated} bytes"
+    );
+    assert_eq!(entries(&logs), ["current.log", "current.log.1"]);
+    // Following survives the rotation.
+    let before = seen.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        seen.lock().unwrap().len() > before,
+        "follow continues after rotation"
+    );
+    follow.abort();
+    Ok(())
+}
