@@ -737,10 +737,13 @@ impl Supervisor {
 
     async fn start(&mut self) -> Result<()> {
         self.set(RunState::Starting);
+        let t0 = std::time::Instant::now();
         let row = self.inner.installed(&self.name)?;
         let plan = self.inner.plan(&row)?;
         self.inner.runtime.prepare(&plan).await?;
+        let prepared = t0.elapsed();
         let pid = self.inner.runtime.start(&self.name).await?;
+        tracing::debug!(app = %self.name, ?prepared, total = ?t0.elapsed(), "start timing");
         self.pid = Some(pid);
         self.set(RunState::Running {
             pid,

@@ -61,12 +61,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Runs a command to completion. Its stdout is discarded and stderr goes to a file, so a
+/// detached container that inherits them does not keep us waiting.
 fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
+    let err = tempfile::tempfile()?;
+    let status = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err.try_clone()?)
+        .status()
         .with_context(|| format!("run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    if !status.success() {
+        let mut msg = String::new();
+        let mut err = err;
+        use std::io::{Read, Seek};
+        err.rewind()?;
+        err.read_to_string(&mut msg)?;
+        bail!("{cmd:?} failed: {msg}");
     }
     Ok(())
 }
@@ -120,6 +131,10 @@ async fn start_latency(bins: &Path) -> Result<()> {
     spec["linux"]["cgroupsPath"] = json!("/homeport-bench-crun/lat");
     std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)?;
     let root = work.path().join("state");
+    // crun 1.8 refuses a hybrid cgroup layout whose v2 hierarchy holds controllers (our
+    // machines' holds an unused hugetlb): bind those to v1 hierarchies of their own for the run.
+    let bound = bind_v2_controllers_to_v1()?;
+    let crun_cgroups = "--cgroup-manager=cgroupfs";
     let mut theirs = Vec::new();
     for i in 0..RUNS {
         let id = format!("crun-lat-{i}");
@@ -127,6 +142,7 @@ async fn start_latency(bins: &Path) -> Result<()> {
         run(Command::new("crun")
             .arg("--root")
             .arg(&root)
+            .arg(&crun_cgroups)
             .args(["run", "--detach", "--bundle"])
             .arg(&bundle)
             .arg(&id))?;
@@ -151,8 +167,27 @@ async fn start_latency(bins: &Path) -> Result<()> {
             "runs": RUNS,
             "homeport_ms": o, "crun_ms": t, "ratio_vs_crun": o / t, "target_ratio": 1.0,
             "homeport_all_ms": ours, "crun_all_ms": theirs,
+            "cgroup_setup": if bound.is_empty() { "as found".to_string() } else { format!("bound {} from cgroup2 to v1 for crun", bound.join(",")) },
         }),
     )
+}
+
+/// In a hybrid layout, moves controllers the (unused) v2 hierarchy holds to v1 mounts; returns
+/// the controllers it moved. The mounts stay: unmounting does not hand a controller back.
+fn bind_v2_controllers_to_v1() -> Result<Vec<String>> {
+    let Ok(list) = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers") else {
+        return Ok(Vec::new());
+    };
+    let mut bound = Vec::new();
+    for c in list.split_whitespace() {
+        let dir = Path::new("/sys/fs/cgroup").join(c);
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("mount")
+            .args(["-t", "cgroup", "-o", c, "cgroup"])
+            .arg(&dir))?;
+        bound.push(c.to_string());
+    }
+    Ok(bound)
 }
 
 /// Pull + unpack of a multi-layer image from the local registry: Homeport's image store
@@ -243,13 +278,23 @@ async fn pull(bins: &Path) -> Result<()> {
     )
 }
 
+/// A `kB` field of a /proc file (`VmRSS` in status, `Pss` in smaps_rollup).
+fn proc_kib(pid: u32, file: &str, field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no {field} in /proc/{pid}/{file}"))
+}
+
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
+    proc_kib(pid, "status", "VmRSS")
 }
 
 /// Resident memory of the idle agent with 5 apps installed and running.
@@ -267,13 +312,17 @@ async fn memory(bins: &Path) -> Result<()> {
     let info: homeport::api::types::AgentInfo = c.get("/v1/info").await?;
     let agent_kib = rss_kib(info.pid)?;
     let zygote_kib = rss_kib(info.zygote_pid)?;
+    // PSS splits pages the two processes share (the same executable) between them.
+    let pss = proc_kib(info.pid, "smaps_rollup", "Pss")?
+        + proc_kib(info.zygote_pid, "smaps_rollup", "Pss")?;
     report(
         "memory",
         json!({
             "what": "resident memory (VmRSS) of the idle agent with 5 apps installed and running",
             "agent_mib": agent_kib as f64 / 1024.0,
             "zygote_mib": zygote_kib as f64 / 1024.0,
-            "total_mib": (agent_kib + zygote_kib) as f64 / 1024.0,
+            "total_rss_mib": (agent_kib + zygote_kib) as f64 / 1024.0,
+            "total_pss_mib": pss as f64 / 1024.0,
             "target_agent_mib": 20.0,
         }),
     )

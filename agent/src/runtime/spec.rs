@@ -159,10 +159,20 @@ pub const DENIED_SYSCALLS: &[&str] = &[
 
 const CPU_PERIOD: u64 = 100_000;
 
+/// The only syscall ABI apps may use. A deny list is only as good as its architectures: a
+/// syscall through another ABI (32-bit `int 0x80` on x86_64) would miss the rules, so other
+/// ABIs are not listed and libseccomp kills such calls (its default for a foreign arch).
+#[cfg(target_arch = "x86_64")]
+const NATIVE_ARCH: &str = "SCMP_ARCH_X86_64";
+#[cfg(target_arch = "aarch64")]
+const NATIVE_ARCH: &str = "SCMP_ARCH_AARCH64";
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const NATIVE_ARCH: &str = "SCMP_ARCH_NATIVE";
+
 fn seccomp<'a>(denied: impl Iterator<Item = &'a str>) -> Value {
     json!({
         "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        "architectures": [NATIVE_ARCH],
         "syscalls": [{"names": denied.collect::<Vec<_>>(), "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
     })
 }

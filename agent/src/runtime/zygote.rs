@@ -502,12 +502,14 @@ fn handle(root: &Path, op: Op, fds: Vec<OwnedFd>) -> Result<Reply, String> {
         |id: &str| Container::load(root.join(id)).map_err(|e| format!("container {id}: {e}"));
     match op {
         Op::Run { id, bundle, stdio } => {
+            let t0 = std::time::Instant::now();
             let mut c = builder(&id, &stdio, fds)?
                 .as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .build()
                 .map_err(|e| format!("create container {id}: {e}"))?;
+            let t1 = t0.elapsed();
             if let Err(e) = c.start() {
                 let _ = c.delete(true);
                 return Err(format!("start container {id}: {e}"));
@@ -515,6 +517,7 @@ fn handle(root: &Path, op: Op, fds: Vec<OwnedFd>) -> Result<Reply, String> {
             let pid = c
                 .pid()
                 .ok_or_else(|| format!("container {id} has no process"))?;
+            tracing::debug!(container = %id, create = ?t1, total = ?t0.elapsed(), "container started");
             Ok(Reply::Pid(pid.as_raw()))
         }
         Op::Exec {
