@@ -142,7 +142,7 @@ async fn start_latency(bins: &Path) -> Result<()> {
         run(Command::new("crun")
             .arg("--root")
             .arg(&root)
-            .arg(&crun_cgroups)
+            .arg(crun_cgroups)
             .args(["run", "--detach", "--bundle"])
             .arg(&bundle)
             .arg(&id))?;
