@@ -1,6 +1,7 @@
 //! A `homeportd` under test: its own data directory, socket and cgroup parent; killed (or
 //! stopped) on drop, with every app removed and every mount under its data dir undone.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -161,6 +162,9 @@ impl AgentProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            // Its own process group: a signal to the test's or the demo's group must not stop
+            // it behind the harness's back (the harness removes its apps, then stops it).
+            .process_group(0)
             .spawn()
             .with_context(|| format!("start {}", self.bin.display()))?;
         self.child = Some(child);
@@ -249,6 +253,13 @@ impl AgentProcess {
 
     /// Removes every app (with data) through the API, then stops the agent.
     fn cleanup(&mut self) {
+        // An agent that already stopped (a signal to the whole process group) is started
+        // again so that it can remove its apps.
+        if let Some(c) = self.child.as_mut() {
+            if !matches!(c.try_wait(), Ok(None)) {
+                self.child = None;
+            }
+        }
         if self.child.is_none() {
             let _ = self.spawn();
         }

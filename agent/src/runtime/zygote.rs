@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,6 +173,10 @@ impl Zygote {
             .arg(root)
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
+            // Its own process group: a Ctrl-C or a signal to the agent's group must not kill
+            // it (it exits when the agent's end of the socket closes). Ignoring the signals
+            // instead would be inherited by every container process.
+            .process_group(0)
             .spawn()
             .map_err(ZygoteError::Spawn)?;
         let z = Zygote {
