@@ -161,8 +161,13 @@ impl Agent {
         Ok(Agent { inner })
     }
 
-    pub fn socket_path(&self) -> std::path::PathBuf {
-        self.inner.paths.socket()
+    /// What an installed app is doing (cheap: no disk walks).
+    pub fn run_state(&self, name: &AppName) -> Result<RunState> {
+        self.inner.installed(name)?;
+        Ok(self
+            .inner
+            .handle_state(name)
+            .map_or(RunState::Stopped, |s| s.run))
     }
 
     pub async fn handle(&self, cmd: Command) -> Result<Response> {

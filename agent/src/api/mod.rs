@@ -390,11 +390,8 @@ async fn upgrade(
         r.args
     };
     // Refuse before upgrading when the app is unknown (or, for exec, not running).
-    let detail = match agent.handle(Command::Inspect(name.clone())).await? {
-        Reply::App(d) => d,
-        _ => return Err(AgentError::NoSuchApp(name.to_string())),
-    };
-    if !debug && !matches!(detail.summary.run, types::RunState::Running { .. }) {
+    let state = agent.run_state(&name)?;
+    if !debug && !matches!(state, types::RunState::Running { .. }) {
         return Err(AgentError::NotRunning(name.to_string()));
     }
     tokio::spawn(async move {

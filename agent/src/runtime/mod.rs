@@ -317,7 +317,8 @@ fn prepare_blocking(paths: &Paths, plan: &AppPlan, cgroups_path: String) -> Resu
     mkdir(paths.hosts(name).parent().unwrap_or(&app_dir))?;
 
     let rootfs = paths.rootfs(name);
-    if !os::is_mount_point(&rootfs).map_err(io("read mountinfo".into()))? {
+    let mounted = os::mount_points().map_err(io("read mountinfo".into()))?;
+    if !mounted.contains(&rootfs) {
         // The rootfs is a read-only overlay, so the container runtime cannot create mount
         // points in it: a small top layer of the app's own holds them.
         let points = paths.app(name).join("mountpoints");
@@ -332,7 +333,7 @@ fn prepare_blocking(paths: &Paths, plan: &AppPlan, cgroups_path: String) -> Resu
             .map_err(io("mount rootfs".into()))?;
     }
     let netns = paths.netns(name);
-    if !os::is_mount_point(&netns).map_err(io("read mountinfo".into()))? {
+    if !mounted.contains(&netns) {
         os::create_netns(&netns).map_err(io("create network namespace".into()))?;
     }
     let hosts =

@@ -9,13 +9,14 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 /// Longest overlay option string the kernel takes in one mount call (a page, less slack).
 const MAX_MOUNT_OPTIONS: usize = 4000;
 
-/// Whether `path` is a mount point, per /proc/self/mountinfo.
-pub fn is_mount_point(path: &Path) -> io::Result<bool> {
+/// Every mount point, per /proc/self/mountinfo.
+pub fn mount_points() -> io::Result<std::collections::HashSet<PathBuf>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let target = path.to_string_lossy();
     Ok(info
         .lines()
-        .any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*target)))
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .collect())
 }
 
 fn unescape_mountinfo(s: &str) -> String {
@@ -201,7 +202,8 @@ mod tests {
 
     #[test]
     fn proc_is_a_mount_point() {
-        assert!(is_mount_point(Path::new("/proc")).unwrap());
-        assert!(!is_mount_point(Path::new("/proc/self")).unwrap());
+        let points = mount_points().unwrap();
+        assert!(points.contains(Path::new("/proc")));
+        assert!(!points.contains(Path::new("/proc/self")));
     }
 }
