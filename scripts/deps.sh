@@ -6,7 +6,7 @@ pkgs=(
   docker-registry skopeo umoci           # tests: a real OCI registry, images built and pushed
   busybox-static apache2-utils openssl   # tests: image contents, htpasswd, token-auth keys
   ca-certificates util-linux
-  crun hyperfine                         # benchmarks: the runtime we compare against
+  crun                                   # benchmarks: the runtime we compare against
 )
 missing=()
 for p in "${pkgs[@]}"; do
