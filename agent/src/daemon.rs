@@ -271,6 +271,59 @@ impl Agent {
         result
     }
 
+    /// Moves an app to a new digest: its tag resolved afresh, or a new manifest (same name).
+    /// The app is pinned to the new digest in one transaction with its history entry, then
+    /// recreated; a crash before that record leaves the old app, after it the new one.
+    pub async fn update(
+        &self,
+        name: &AppName,
+        new_manifest: Option<&str>,
+        actor: &Actor,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<AppSummary> {
+        let i = &self.inner;
+        let row = i.installed(name)?;
+        let text = new_manifest.unwrap_or(&row.manifest).to_string();
+        let manifest = Manifest::parse(&text)?;
+        if &manifest.name != name {
+            return Err(AgentError::BadRequest(format!(
+                "the manifest is for {}, not {name}; an update keeps the app's name",
+                manifest.name
+            )));
+        }
+        // Resolve the tag again (a pinned manifest from an earlier install names no digest).
+        let pulled = i.images.pull(&manifest.image, progress).await?;
+        let pinned = manifest
+            .image
+            .with_digest(pulled.resolved.clone())
+            .to_string();
+        if pinned == row.pinned && text == row.manifest {
+            return Ok(i.summary(&row));
+        }
+        i.plan(&AppRow {
+            manifest: text.clone(),
+            image_id: pulled.image_id,
+            ..row.clone()
+        })?;
+        crate::crashpoint("update:pulled");
+        let mut detail = if pinned == row.pinned {
+            "image unchanged".to_string()
+        } else {
+            format!("{} -> {pinned}", row.pinned)
+        };
+        if text != row.manifest {
+            detail.push_str("; manifest changed");
+        }
+        i.store
+            .update_app(name, &text, pulled.image_id, &pinned, &actor.0, &detail)?;
+        tracing::info!(app = %name, %detail, "updated");
+        crate::crashpoint("update:recorded");
+        if row.desired == Desired::Running {
+            i.control(name, Ctl::Restart).await?;
+        }
+        Ok(i.summary(&i.installed(name)?))
+    }
+
     /// Starts `args` in the running app with the caller's stdio; returns the pid.
     pub async fn exec(&self, name: &AppName, args: Vec<String>, fds: [RawFd; 3]) -> Result<i32> {
         let i = &self.inner;
@@ -553,8 +606,21 @@ impl Inner {
                 .and_then(|s| s.pid.filter(|_| s.status == "running"));
             match (row.desired, alive) {
                 (Desired::Running, Some(pid)) => {
-                    tracing::info!(app = %name, pid, "re-adopted running app");
-                    self.spawn_supervisor(name, Some(pid));
+                    // Running on a rootfs the app has moved on from (an update cut short
+                    // between its record and the restart): restart it on the new one, and
+                    // say "starting" until then.
+                    let current = self
+                        .plan(&row)
+                        .is_ok_and(|p| crate::runtime::rootfs_is_current(&self.paths, &p));
+                    if current {
+                        tracing::info!(app = %name, pid, "re-adopted running app");
+                        self.spawn_supervisor(name, Some(pid));
+                    } else {
+                        tracing::info!(app = %name, pid, "re-adopted app runs an older version; restarting it");
+                        let ctl = self.spawn_supervisor_in(name, Some(pid), RunState::Starting);
+                        let (tx, _rx) = oneshot::channel();
+                        let _ = ctl.send(Ctl::Restart(tx)).await;
+                    }
                 }
                 (Desired::Running, None) => {
                     let ctl = self.spawn_supervisor(name, None);
@@ -579,7 +645,6 @@ impl Inner {
         name: AppName,
         adopted: Option<i32>,
     ) -> mpsc::Sender<Ctl> {
-        let (ctl_tx, ctl_rx) = mpsc::channel(8);
         let initial = match adopted {
             Some(pid) => RunState::Running {
                 pid,
@@ -587,6 +652,16 @@ impl Inner {
             },
             None => RunState::Stopped,
         };
+        self.spawn_supervisor_in(name, adopted, initial)
+    }
+
+    fn spawn_supervisor_in(
+        self: &Arc<Self>,
+        name: AppName,
+        adopted: Option<i32>,
+        initial: RunState,
+    ) -> mpsc::Sender<Ctl> {
+        let (ctl_tx, ctl_rx) = mpsc::channel(8);
         let (state_tx, state_rx) = watch::channel(Status {
             run: initial,
             restarts: 0,

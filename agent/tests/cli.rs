@@ -125,6 +125,10 @@ async fn cli_lifecycle_and_errors() -> Result<()> {
         text(&o)
     );
 
+    let o = cli(&w, &["update", "hello"])?;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("hello is up to date"), "{}", text(&o));
+
     // Unknown app: clear message, non-zero.
     let o = cli(&w, &["inspect", "nope"])?;
     assert_eq!(o.status.code(), Some(1));

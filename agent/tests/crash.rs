@@ -192,3 +192,51 @@ async fn killed_at_random_moments_of_a_large_pull() -> Result<()> {
     assert_eq!(size.trim(), (24 << 20).to_string());
     Ok(())
 }
+
+/// An update killed before its record leaves the old version; after it, the new one.
+async fn crash_update_at(point: &str, new_after: bool) -> Result<()> {
+    let mut w = World::new()?;
+    let c = w.client();
+    c.install(&w.manifest("web", "hello:1", ""), |_| {}).await?;
+    wait_running(&c, "web").await?;
+    let old = summary(&c, "web").await?.image;
+    homeport_testkit::push_busybox(
+        &w.registry,
+        "hello",
+        "1",
+        &homeport_testkit::BusyboxOpts {
+            index_html: "version two".into(),
+            ..Default::default()
+        },
+    )?;
+    w.agent.kill9();
+    w.agent.spawn_with_env("HOMEPORT_CRASHPOINT", point)?;
+    assert!(
+        w.client().update("web", None, |_| {}).await.is_err(),
+        "{point}: the agent should have died"
+    );
+    w.agent.wait_exit(Duration::from_secs(10))?;
+    w.agent.spawn()?;
+    let c = w.client();
+    wait_running(&c, "web").await?;
+    let now = summary(&c, "web").await?.image;
+    let (_, page) = exec(&c, "web", &["wget", "-qO-", "http://127.0.0.1:8080/"]).await?;
+    if new_after {
+        assert_ne!(now, old, "{point}");
+        assert_eq!(
+            page.trim(),
+            "version two",
+            "{point}: the app runs the version it is pinned to"
+        );
+    } else {
+        assert_eq!(now, old, "{point}");
+        assert_eq!(page.trim(), marker("1"), "{point}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn killed_during_update() -> Result<()> {
+    crash_update_at("update:pulled", false).await?;
+    crash_update_at("update:recorded", true).await
+}

@@ -12,7 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 
-use super::types::{ApiError, AppSummary, ExecRequest, InstallLine, ManifestBody, Progress};
+use super::types::{
+    ApiError, AppSummary, ExecRequest, InstallLine, ManifestBody, Progress, UpdateBody,
+};
 use super::{EXEC_HEADER, UPGRADE_PROTOCOL};
 
 #[derive(Debug, thiserror::Error)]
@@ -127,13 +129,37 @@ impl Client {
     pub async fn install(
         &self,
         manifest: &str,
-        mut progress: impl FnMut(&Progress),
+        progress: impl FnMut(&Progress),
     ) -> Result<AppSummary> {
         let body = serde_json::to_vec(&ManifestBody {
             manifest: manifest.to_string(),
         })
         .map_err(|e| ClientError::Decode(e.to_string()))?;
-        let mut resp = self.request(Method::POST, "/v1/apps", Some(body)).await?;
+        self.streamed("/v1/apps", body, progress).await
+    }
+
+    /// Moves an app to a new digest (its tag resolved afresh, or `manifest`).
+    pub async fn update(
+        &self,
+        app: &str,
+        manifest: Option<&str>,
+        progress: impl FnMut(&Progress),
+    ) -> Result<AppSummary> {
+        let body = serde_json::to_vec(&UpdateBody {
+            manifest: manifest.map(str::to_string),
+        })
+        .map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.streamed(&format!("/v1/apps/{app}/update"), body, progress)
+            .await
+    }
+
+    async fn streamed(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<AppSummary> {
+        let mut resp = self.request(Method::POST, path, Some(body)).await?;
         let mut buf = Vec::new();
         while let Some(frame) = resp.body_mut().frame().await {
             if let Ok(data) = frame?.into_data() {
@@ -150,7 +176,7 @@ impl Client {
             }
         }
         Err(ClientError::Decode(
-            "the install stream ended without a result".into(),
+            "the answer stream ended without a result".into(),
         ))
     }
 

@@ -39,6 +39,7 @@ pub enum Op {
     Start,
     Stop,
     Restart,
+    Update,
     History,
     Logs,
     Exec,
@@ -69,6 +70,7 @@ pub const ROUTES: &[Route] = routes! {
     POST "/v1/apps/{name}/start" => Start,
     POST "/v1/apps/{name}/stop" => Stop,
     POST "/v1/apps/{name}/restart" => Restart,
+    POST "/v1/apps/{name}/update" => Update,
     GET "/v1/apps/{name}/history" => History,
     GET "/v1/apps/{name}/logs" => Logs,
     POST "/v1/apps/{name}/exec" => Exec,
@@ -214,6 +216,11 @@ async fn dispatch(
         Op::Install => {
             return install(agent, actor, read_json::<ManifestBody>(req).await?.manifest).await
         }
+        Op::Update => {
+            let name = app_name(name)?;
+            let body = read_json::<types::UpdateBody>(req).await?;
+            return update(agent, actor, name, body.manifest).await;
+        }
         Op::Logs => return logs(agent, app_name(name)?, &query).await,
         Op::Exec | Op::Debug => return upgrade(agent, app_name(name)?, op == Op::Debug, req).await,
     };
@@ -270,17 +277,46 @@ async fn install(
 ) -> Result<Response<Body>, AgentError> {
     // Problems a caller can fix are answered right away, with a status code.
     Manifest::parse(&manifest)?;
+    Ok(streamed(move |progress| async move {
+        agent.install(&manifest, &actor, &progress).await
+    }))
+}
+
+async fn update(
+    agent: Arc<Agent>,
+    actor: Actor,
+    name: AppName,
+    manifest: Option<String>,
+) -> Result<Response<Body>, AgentError> {
+    if let Some(m) = &manifest {
+        Manifest::parse(m)?;
+    }
+    agent.run_state(&name)?;
+    Ok(streamed(move |progress| async move {
+        agent
+            .update(&name, manifest.as_deref(), &actor, &progress)
+            .await
+    }))
+}
+
+type ProgressFn = Box<dyn Fn(types::Progress) + Send + Sync>;
+
+/// Runs `work` to its end in a task of its own (also if the client goes away) and answers an
+/// NDJSON stream: its progress lines, then `done` or `error`.
+fn streamed<Fut>(work: impl FnOnce(ProgressFn) -> Fut + Send + 'static) -> Response<Body>
+where
+    Fut: std::future::Future<Output = Result<types::AppSummary, AgentError>> + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel::<InstallLine>(64);
+    let progress_tx = tx.clone();
+    let progress: ProgressFn = Box::new(move |p| {
+        let _ = progress_tx.try_send(InstallLine::Progress(p));
+    });
     tokio::spawn(async move {
-        let progress_tx = tx.clone();
-        let progress = move |p| {
-            let _ = progress_tx.try_send(InstallLine::Progress(p));
-        };
-        // The install runs to its end even if the client goes away.
-        let line = match agent.install(&manifest, &actor, &progress).await {
+        let line = match work(progress).await {
             Ok(summary) => InstallLine::Done(summary),
             Err(e) => {
-                tracing::warn!(error = %chain(&e), "install failed");
+                tracing::warn!(error = %chain(&e), "operation failed");
                 InstallLine::Error(api_error(&e))
             }
         };
@@ -292,10 +328,10 @@ async fn install(
         bytes.push(b'\n');
         Some((Ok::<_, std::io::Error>(Frame::data(Bytes::from(bytes))), rx))
     });
-    Ok(Response::builder()
+    Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(BodyExt::boxed(StreamBody::new(stream)))
-        .unwrap_or_else(|_| Response::new(empty())))
+        .unwrap_or_else(|_| Response::new(empty()))
 }
 
 async fn logs(agent: Arc<Agent>, name: AppName, query: &str) -> Result<Response<Body>, AgentError> {

@@ -13,6 +13,14 @@ pub struct ManifestBody {
     pub manifest: String,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBody {
+    /// A new manifest (same app name); without one the image's tag is resolved afresh.
+    #[serde(default)]
+    pub manifest: Option<String>,
+}
+
 /// What an app is doing right now.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "state", rename_all = "snake_case")]

@@ -47,6 +47,13 @@ enum Cmd {
     Stop { app: String },
     /// Restart an app.
     Restart { app: String },
+    /// Move an app to a new image digest: its tag resolved afresh, or a new manifest.
+    Update {
+        app: String,
+        /// A new manifest for the app (same name).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
     /// Show an app's output.
     Logs {
         app: String,
@@ -175,6 +182,33 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Start { app } => lifecycle(&c, &app, "start", json).await,
         Cmd::Stop { app } => lifecycle(&c, &app, "stop", json).await,
         Cmd::Restart { app } => lifecycle(&c, &app, "restart", json).await,
+        Cmd::Update { app, manifest } => {
+            let text = match &manifest {
+                Some(f) => Some(
+                    std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?,
+                ),
+                None => None,
+            };
+            let before: AppSummary = c.get(&format!("/v1/apps/{app}")).await?;
+            let mut bar = ProgressBar::new(!json);
+            let s = c.update(&app, text.as_deref(), |p| bar.update(p)).await;
+            bar.finish();
+            let s = s?;
+            if json {
+                return print_json(&s);
+            }
+            if s.image == before.image && text.is_none() {
+                println!("{app} is up to date ({})", s.image);
+            } else {
+                println!(
+                    "updated {app}: {} -> {} ({})",
+                    before.image,
+                    s.image,
+                    s.run.label()
+                );
+            }
+            Ok(0)
+        }
         Cmd::Logs { app, follow, tail } => {
             let mut out = std::io::stdout();
             c.logs(&app, tail, follow, |b| {

@@ -318,7 +318,16 @@ fn prepare_blocking(paths: &Paths, plan: &AppPlan, cgroups_path: String) -> Resu
 
     let rootfs = paths.rootfs(name);
     let mounted = os::mount_points().map_err(io("read mountinfo".into()))?;
-    if !mounted.contains(&rootfs) {
+    // What the rootfs is made of; recorded beside it, so a rootfs mounted for an earlier
+    // version of the app (an update, also one interrupted by a crash) is mounted afresh.
+    let wanted = rootfs_identity(plan);
+    let marker = paths.app(name).join("rootfs.from");
+    let current = mounted.contains(&rootfs)
+        && std::fs::read_to_string(&marker).ok().as_deref() == Some(&wanted);
+    if !current {
+        if mounted.contains(&rootfs) {
+            os::unmount(&rootfs).map_err(io("unmount the previous rootfs".into()))?;
+        }
         // The rootfs is a read-only overlay, so the container runtime cannot create mount
         // points in it: a small top layer of the app's own holds them.
         let points = paths.app(name).join("mountpoints");
@@ -331,6 +340,7 @@ fn prepare_blocking(paths: &Paths, plan: &AppPlan, cgroups_path: String) -> Resu
         layers.push(points);
         os::mount_overlay(&layers, &paths.empty_layer(), &rootfs)
             .map_err(io("mount rootfs".into()))?;
+        std::fs::write(&marker, &wanted).map_err(io("record the rootfs".into()))?;
     }
     let netns = paths.netns(name);
     if !mounted.contains(&netns) {
@@ -359,6 +369,26 @@ fn prepare_blocking(paths: &Paths, plan: &AppPlan, cgroups_path: String) -> Resu
     std::fs::rename(&tmp, paths.bundle(name).join("config.json"))
         .map_err(io("write bundle".into()))?;
     Ok(())
+}
+
+/// The layers and mount points a rootfs is built from, as one comparable string.
+fn rootfs_identity(plan: &AppPlan) -> String {
+    let mut id = String::new();
+    for l in &plan.layers {
+        id.push_str(&format!("layer {}\n", l.display()));
+    }
+    for (p, file) in spec::mount_points(&plan.manifest, &plan.image) {
+        id.push_str(&format!("{} {p}\n", if file { "file" } else { "dir" }));
+    }
+    id
+}
+
+/// Whether the app's mounted rootfs was built from `plan` (false also when not mounted).
+pub fn rootfs_is_current(paths: &Paths, plan: &AppPlan) -> bool {
+    let rootfs = paths.rootfs(&plan.name);
+    os::mount_points().is_ok_and(|m| m.contains(&rootfs))
+        && std::fs::read_to_string(paths.app(&plan.name).join("rootfs.from")).ok()
+            == Some(rootfs_identity(plan))
 }
 
 fn spec_input(

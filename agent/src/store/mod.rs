@@ -387,6 +387,27 @@ impl Store {
         Ok(())
     }
 
+    /// Moves an app to a new manifest and image, with its history entry, atomically.
+    pub fn update_app(
+        &self,
+        name: &AppName,
+        manifest: &str,
+        image_id: i64,
+        pinned: &str,
+        actor: &str,
+        detail: &str,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE apps SET manifest = ?2, image_id = ?3, pinned = ?4, updated_at = ?5 WHERE name = ?1 AND phase = 'installed'",
+            params![name.as_str(), manifest, image_id, pinned, now_ms()],
+        )?;
+        history(&tx, name.as_str(), actor, "update", detail)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn app(&self, name: &AppName) -> Result<Option<AppRow>> {
         self.conn()
             .query_row(
