@@ -99,6 +99,7 @@ struct Inner {
     store: Arc<Store>,
     images: Images,
     runtime: Runtime,
+    network: Arc<crate::net::Network>,
     paths: Paths,
     log_cap: u64,
     stop_grace: Duration,
@@ -145,10 +146,23 @@ impl Agent {
         let store = Arc::new(Store::open(&paths.db())?);
         let images = Images::new(store.clone(), paths.clone(), config.registries)?;
         let exe = std::env::current_exe().context("find the agent's own executable")?;
-        let runtime = Runtime::new(paths.clone(), config.cgroup_parent, &exe)?;
+        // The device's ULA prefix: made once, kept forever (apps' addresses derive from it).
+        let ula: crate::net::Ula48 = store
+            .setting_or_insert("ula", &crate::net::Ula48::random().to_string())?
+            .parse()
+            .context("the stored ULA prefix")?;
+        let network = Arc::new(crate::net::Network::new(ula));
+        let net = network.clone();
+        tokio::task::spawn_blocking(move || net.up())
+            .await
+            .context("bring up the bridge")?
+            .with_context(|| format!("bring up the bridge {}", network.bridge()))?;
+        tracing::info!(prefix = %network.apps_net(), bridge = network.bridge(), "app network up");
+        let runtime = Runtime::new(paths.clone(), network.clone(), config.cgroup_parent, &exe)?;
         let inner = Arc::new(Inner {
             store,
             images,
+            network,
             runtime,
             paths,
             log_cap: config.log_cap,
@@ -245,6 +259,8 @@ impl Agent {
                 pid: std::process::id(),
                 zygote_pid: i.runtime.zygote_pid(),
                 data_dir: i.paths.data().display().to_string(),
+                apps_prefix: i.network.apps_net().to_string(),
+                bridge: i.network.bridge().to_string(),
             }),
         })
     }
@@ -387,6 +403,7 @@ impl Inner {
         AppSummary {
             name: row.name.to_string(),
             image: row.pinned.clone(),
+            address: self.network.app_address(&row.name).to_string(),
             desired: row.desired,
             run: status.run,
             restarts: status.restarts,

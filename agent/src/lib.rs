@@ -6,6 +6,7 @@ pub mod api;
 pub mod daemon;
 pub mod images;
 pub mod manifest;
+pub mod net;
 pub mod paths;
 pub mod runtime;
 pub mod store;

@@ -21,7 +21,7 @@ fn main() -> Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bin-dir" => bin_dir = args.next().context("--bin-dir needs a path")?.into(),
-            "start" | "pull" | "memory" | "all" => which = a,
+            "start" | "pull" | "memory" | "network" | "all" => which = a,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -38,6 +38,9 @@ fn main() -> Result<()> {
     }
     if which == "memory" || which == "all" {
         rt.block_on(memory(&bins))?;
+    }
+    if which == "network" || which == "all" {
+        network()?;
     }
     Ok(())
 }
@@ -274,6 +277,55 @@ async fn pull(bins: &Path) -> Result<()> {
             "runs": RUNS,
             "homeport_ms": o, "skopeo_umoci_ms": t, "ratio_vs_skopeo_umoci": o / t, "target_ratio": 0.5,
             "homeport_all_ms": ours, "skopeo_umoci_all_ms": theirs,
+        }),
+    )
+}
+
+/// Time to wire an app's network (a new namespace with loopback up, a veth pair on the
+/// bridge, eth0 with its address, the default route), for 100 apps in a row: the median, and
+/// the figures at 1, 50 and 100 apps installed (the per-app cost must not grow).
+fn network() -> Result<()> {
+    use homeport::manifest::AppName;
+    use homeport::net::{Network, Ula48};
+    const APPS: usize = 100;
+    let net = Network::new(Ula48::random());
+    net.up()?;
+    let dir = tempfile::tempdir()?;
+    let mut times = Vec::new();
+    let mut result = Ok(());
+    for i in 0..APPS {
+        let app = AppName::try_from(format!("bench{i}").as_str())?;
+        let ns = dir.path().join(format!("ns{i}"));
+        let t = Instant::now();
+        let r = homeport::runtime::os::create_netns(&ns)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(net.wire_app(&app, &ns)?));
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        if let Err(e) = r {
+            result = Err(e);
+            break;
+        }
+    }
+    for i in 0..APPS {
+        if let Ok(app) = AppName::try_from(format!("bench{i}").as_str()) {
+            let _ = net.unwire_app(&app);
+        }
+        let _ = homeport::runtime::os::unmount(&dir.path().join(format!("ns{i}")));
+    }
+    let _ = Command::new("ip")
+        .args(["link", "del", net.bridge()])
+        .status();
+    result?;
+    let at = |n: usize| times[n - 1];
+    report(
+        "network",
+        json!({
+            "what": "time to wire one app's network: namespace, veth on the bridge, address (no DAD), default route; ms",
+            "apps": APPS,
+            "median_ms": median(times.clone()), "target_ms": 20.0,
+            "at_1_app_ms": at(1), "at_50_apps_ms": at(50), "at_100_apps_ms": at(100),
+            "median_first_10_ms": median(times[..10].to_vec()), "median_last_10_ms": median(times[APPS - 10..].to_vec()),
+            "all_ms": times,
         }),
     )
 }

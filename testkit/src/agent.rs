@@ -266,14 +266,13 @@ impl AgentProcess {
         if self.child.is_some() {
             // On a thread of its own: drop may run inside a test's async runtime.
             let client = self.client();
-            let _ = std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            let bridge = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                else {
-                    return;
-                };
+                    .ok()?;
                 rt.block_on(async {
+                    let info: Option<serde_json::Value> = client.get("/v1/info").await.ok();
                     let apps: Vec<serde_json::Value> =
                         client.get("/v1/apps").await.unwrap_or_default();
                     for a in apps {
@@ -283,10 +282,17 @@ impl AgentProcess {
                                 .await;
                         }
                     }
-                });
+                    info.and_then(|i| i["bridge"].as_str().map(str::to_string))
+                })
             })
-            .join();
+            .join()
+            .ok()
+            .flatten();
             self.stop();
+            // The bridge belongs to the device; a test's agent takes its own along.
+            if let Some(bridge) = bridge {
+                let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+            }
         }
         // Anything still mounted below the data dir (a test that failed half way).
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {

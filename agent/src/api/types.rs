@@ -54,6 +54,8 @@ pub struct AppSummary {
     pub name: String,
     /// `reference@digest` the app is pinned to.
     pub image: String,
+    /// The app's own IPv6 address (the same across restarts, updates and reinstalls).
+    pub address: String,
     pub desired: Desired,
     pub run: RunState,
     /// Restarts after crashes since the agent started.
@@ -126,6 +128,9 @@ pub struct AgentInfo {
     pub pid: u32,
     pub zygote_pid: u32,
     pub data_dir: String,
+    /// The /64 apps get their addresses from, and the bridge that holds its gateway.
+    pub apps_prefix: String,
+    pub bridge: String,
 }
 
 /// Sent in the `Homeport-Exec` header (hex of this JSON) of an exec/debug upgrade.

@@ -170,13 +170,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map(|a| {
                     vec![
                         a.name.clone(),
+                        a.address.clone(),
                         state_text(&a.run),
                         a.restarts.to_string(),
                         a.image.clone(),
                     ]
                 })
                 .collect();
-            table(&["NAME", "STATE", "RESTARTS", "IMAGE"], &rows);
+            table(&["NAME", "ADDRESS", "STATE", "RESTARTS", "IMAGE"], &rows);
             Ok(0)
         }
         Cmd::Start { app } => lifecycle(&c, &app, "start", json).await,
@@ -333,6 +334,7 @@ fn print_detail(d: &AppDetail) {
         s.desired,
         s.restarts
     );
+    println!("address:   {}", s.address);
     println!("image:     {}", s.image);
     println!("size:      {}", size(d.image_bytes));
     println!("command:   {}", d.command.join(" "));

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::manifest::{AppName, Manifest};
+use crate::net::Network;
 use crate::paths::Paths;
+use std::sync::Arc;
 pub use zygote::{ContainerState, ExitStatus};
 use zygote::{Op, Reply, Stdio3, Zygote, ZygoteError};
 
@@ -48,6 +50,7 @@ pub struct AppPlan {
 pub struct Runtime {
     zygote: Zygote,
     paths: Paths,
+    network: Arc<Network>,
     cgroup_parent: String,
     /// A static shell bind-mounted by `debug` into images that have none.
     toolbox: Option<PathBuf>,
@@ -59,6 +62,7 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 impl Runtime {
     pub fn new(
         paths: Paths,
+        network: Arc<Network>,
         cgroup_parent: String,
         exe: &Path,
     ) -> std::result::Result<Runtime, ZygoteError> {
@@ -70,6 +74,7 @@ impl Runtime {
         Ok(Runtime {
             zygote,
             paths,
+            network,
             cgroup_parent,
             toolbox,
         })
@@ -94,7 +99,8 @@ impl Runtime {
             layers: plan.layers.clone(),
             image: plan.image.clone(),
         };
-        tokio::task::spawn_blocking(move || prepare_blocking(&paths, &plan, cgroups_path))
+        let network = self.network.clone();
+        tokio::task::spawn_blocking(move || prepare_blocking(&paths, &network, &plan, cgroups_path))
             .await
             .unwrap_or_else(|e| panic!("prepare panicked: {e}"))
     }
@@ -257,6 +263,7 @@ impl Runtime {
         )
         .await?;
         let paths = self.paths.clone();
+        let network = self.network.clone();
         let app = name.clone();
         tokio::task::spawn_blocking(move || {
             let io = |what: &str, source| RuntimeError::Io {
@@ -264,6 +271,9 @@ impl Runtime {
                 what: what.into(),
                 source,
             };
+            network
+                .unwire_app(&app)
+                .map_err(|e| io("remove the app's network link", e))?;
             os::unmount(&paths.rootfs(&app)).map_err(|e| io("unmount rootfs", e))?;
             os::unmount(&paths.netns(&app)).map_err(|e| io("remove network namespace", e))?;
             match std::fs::remove_dir_all(paths.app(&app)) {
@@ -294,7 +304,12 @@ fn protocol(name: &AppName, reply: &Reply) -> RuntimeError {
     }
 }
 
-fn prepare_blocking(paths: &Paths, plan: &AppPlan, cgroups_path: String) -> Result<()> {
+fn prepare_blocking(
+    paths: &Paths,
+    network: &Network,
+    plan: &AppPlan,
+    cgroups_path: String,
+) -> Result<()> {
     let name = &plan.name;
     let io = |what: String| {
         let app = name.clone();
@@ -346,8 +361,13 @@ fn prepare_blocking(paths: &Paths, plan: &AppPlan, cgroups_path: String) -> Resu
     if !mounted.contains(&netns) {
         os::create_netns(&netns).map_err(io("create network namespace".into()))?;
     }
-    let hosts =
-        format!("127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback {name}\n");
+    network
+        .wire_app(name, &netns)
+        .map_err(io("wire the app's network".into()))?;
+    let address = network.app_address(name);
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{address}\t{name}\n"
+    );
     std::fs::write(paths.hosts(name), hosts).map_err(io("write hosts file".into()))?;
 
     let input =

@@ -70,6 +70,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_app ON events(app, id);
     "#,
+    // 2: device-wide settings (the ULA prefix, …).
+    r#"
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> Result<(), StoreError> {

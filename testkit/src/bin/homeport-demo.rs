@@ -77,7 +77,6 @@ fn main() -> Result<()> {
     );
 
     // Wait until it answers, then show the page it serves.
-    let netns = data_dir.join("apps/hello/netns");
     let mut page = String::new();
     for _ in 0..100 {
         let o = cli(&[
@@ -109,13 +108,13 @@ fn main() -> Result<()> {
         page.trim()
     );
     println!();
-    println!(
-        "Reach it (port 8080 inside its own network namespace; per-app IPv6 addresses come next):"
-    );
-    println!(
-        "  nsenter --net={} wget -qO- http://127.0.0.1:8080/",
-        netns.display()
-    );
+    let address = {
+        let o = cli(&["--json", "inspect", "hello"])?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        v["address"].as_str().unwrap_or_default().to_string()
+    };
+    println!("Reach it at its own IPv6 address (every app gets one, so every app keeps its port):");
+    println!("  curl http://[{address}]:8080/");
     println!("  {hp} exec hello -- wget -qO- http://127.0.0.1:8080/");
     println!();
     println!("Look around:");
