@@ -80,6 +80,30 @@ async fn every_app_has_its_own_address_and_port() -> Result<()> {
         "one veth per app"
     );
 
+    // Apps cannot reach each other (isolated bridge ports); the host reaches both. The same
+    // command that fails towards the other app succeeds towards the app's own address.
+    // (`timeout`, not `wget -T`: busybox's wget crashes with -T.)
+    let fetch = |addr: &str| {
+        vec![
+            "sh".to_string(),
+            "-c".into(),
+            format!("timeout 3 wget -qO- http://[{addr}]:8080/"),
+        ]
+    };
+    let own: Vec<String> = fetch(&one.address);
+    let own: Vec<&str> = own.iter().map(String::as_str).collect();
+    let (code, out) = exec(&c, "one", &own).await?;
+    assert_eq!(
+        (code, out.trim()),
+        (0, marker("1").as_str()),
+        "an app reaches itself at its address"
+    );
+    let other: Vec<String> = fetch(&two.address);
+    let other: Vec<&str> = other.iter().map(String::as_str).collect();
+    let (code, out) = exec(&c, "one", &other).await?;
+    assert_ne!(code, 0, "app one must not reach app two: {out}");
+    assert!(!out.contains(&marker("2")), "{out}");
+
     // Inside: eth0 holds the address; the app's name resolves to it.
     let (_, hosts) = exec(&c, "one", &["cat", "/etc/hosts"]).await?;
     assert!(hosts.contains(&format!("{}\tone", one.address)), "{hosts}");

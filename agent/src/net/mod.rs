@@ -30,8 +30,9 @@ pub trait Wiring: Send + Sync {
     fn link_exists(&self, name: &str) -> bool;
     /// Creates the bridge if it is missing, with `gateway`/64 on it, up.
     fn ensure_bridge(&self, bridge: &str, gateway: Ipv6Addr) -> io::Result<()>;
-    /// A veth pair: the host end up on the bridge, the peer moved into the app's namespace as
-    /// `eth0`, up, with the address (no DAD) and a default route via the gateway.
+    /// A veth pair: the host end up on the bridge as an isolated port (apps never reach each
+    /// other, only the host), the peer moved into the app's namespace as `eth0`, up, with the
+    /// address (no DAD) and a default route via the gateway.
     fn wire(&self, w: &AppWire) -> io::Result<()>;
     /// Deletes the host end (the kernel deletes its peer with it).
     fn unwire(&self, host_if: &str) -> io::Result<()>;

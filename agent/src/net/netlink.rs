@@ -10,7 +10,7 @@ use std::path::Path;
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use super::{AppWire, Wiring};
 
@@ -137,6 +137,13 @@ impl Wiring for Rtnetlink {
                 .execute()
                 .await
                 .map_err(|e| nl("attach veth to the bridge", e))?;
+            // An isolated port talks to the bridge (the host) but never to another isolated
+            // port: no app reaches another app, whatever its firewall does.
+            h.link()
+                .set_port(LinkBridgePort::new(host_idx).isolated(true).build())
+                .execute()
+                .await
+                .map_err(|e| nl("isolate the bridge port", e))?;
             // Into the app's namespace and renamed, in one message.
             h.link()
                 .set(
