@@ -200,15 +200,7 @@ async fn crash_update_at(point: &str, new_after: bool) -> Result<()> {
     c.install(&w.manifest("web", "hello:1", ""), |_| {}).await?;
     wait_running(&c, "web").await?;
     let old = summary(&c, "web").await?.image;
-    homeport_testkit::push_busybox(
-        &w.registry,
-        "hello",
-        "1",
-        &homeport_testkit::BusyboxOpts {
-            index_html: "version two".into(),
-            ..Default::default()
-        },
-    )?;
+    push_page(&w.registry, "hello", "1", "version two")?;
     w.agent.kill9();
     w.agent.spawn_with_env("HOMEPORT_CRASHPOINT", point)?;
     assert!(

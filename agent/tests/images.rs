@@ -252,15 +252,7 @@ async fn layers_are_shared_pruned_and_tags_pinned() -> Result<()> {
 
     // Moving the tag does not move installed apps: restarts keep the pinned digest.
     let pinned = summary(&c, "a").await?.image;
-    homeport_testkit::push_busybox(
-        &w.registry,
-        "hello",
-        "1",
-        &homeport_testkit::BusyboxOpts {
-            index_html: "moved tag".into(),
-            ..Default::default()
-        },
-    )?;
+    push_page(&w.registry, "hello", "1", "moved tag")?;
     c.post::<serde_json::Value, _>("/v1/apps/a/restart", &())
         .await?;
     wait_running(&c, "a").await?;

@@ -36,15 +36,7 @@ async fn update_moves_to_the_new_digest_only_when_asked() -> Result<()> {
     assert_eq!(h.len(), 1);
 
     // The tag moves: a restart keeps the old digest, an update takes the new one.
-    homeport_testkit::push_busybox(
-        &w.registry,
-        "hello",
-        "1",
-        &homeport_testkit::BusyboxOpts {
-            index_html: "version two".into(),
-            ..Default::default()
-        },
-    )?;
+    push_page(&w.registry, "hello", "1", "version two")?;
     c.post::<serde_json::Value, _>("/v1/apps/web/restart", &())
         .await?;
     wait_running(&c, "web").await?;

@@ -57,15 +57,16 @@ impl World {
 }
 
 pub fn push_hello(reg: &Registry, name: &str, tag: &str) -> Result<String> {
-    homeport_testkit::push_busybox(
-        reg,
-        name,
-        tag,
-        &BusyboxOpts {
-            index_html: marker(tag),
-            ..Default::default()
-        },
-    )
+    push_page(reg, name, tag, &marker(tag))
+}
+
+/// Pushes the busybox web server image serving `page` as `name:tag`.
+pub fn push_page(reg: &Registry, name: &str, tag: &str, page: &str) -> Result<String> {
+    let opts = BusyboxOpts {
+        index_html: page.to_string(),
+        ..Default::default()
+    };
+    homeport_testkit::push_busybox(reg, name, tag, &opts)
 }
 
 pub async fn inspect(c: &Client, app: &str) -> Result<AppDetail> {
