@@ -316,11 +316,13 @@ impl Agent {
         if pinned == row.pinned && text == row.manifest {
             return Ok(i.summary(&row));
         }
-        i.plan(&AppRow {
+        // Refuse, before recording anything, an image whose config cannot be read.
+        let new_row = AppRow {
             manifest: text.clone(),
             image_id: pulled.image_id,
             ..row.clone()
-        })?;
+        };
+        i.plan(&new_row)?;
         crate::crashpoint("update:pulled");
         let mut detail = if pinned == row.pinned {
             "image unchanged".to_string()

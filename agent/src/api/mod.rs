@@ -291,6 +291,7 @@ async fn update(
     if let Some(m) = &manifest {
         Manifest::parse(m)?;
     }
+    // An unknown app is a 404 right away, not a line in the stream.
     agent.run_state(&name)?;
     Ok(streamed(move |progress| async move {
         agent

@@ -8,15 +8,17 @@ pub mod os;
 pub mod spec;
 pub mod zygote;
 
+use std::collections::HashSet;
 use std::os::fd::RawFd;
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::manifest::{AppName, Manifest};
 use crate::net::Network;
 use crate::paths::Paths;
-use std::sync::Arc;
 pub use zygote::{ContainerState, ExitStatus};
 use zygote::{Op, Reply, Stdio3, Zygote, ZygoteError};
 
@@ -333,13 +335,9 @@ fn prepare_blocking(
 
     let rootfs = paths.rootfs(name);
     let mounted = os::mount_points().map_err(io("read mountinfo".into()))?;
-    // What the rootfs is made of; recorded beside it, so a rootfs mounted for an earlier
-    // version of the app (an update, also one interrupted by a crash) is mounted afresh.
-    let wanted = rootfs_identity(plan);
-    let marker = paths.app(name).join("rootfs.from");
-    let current = mounted.contains(&rootfs)
-        && std::fs::read_to_string(&marker).ok().as_deref() == Some(&wanted);
-    if !current {
+    // A rootfs mounted for an earlier version of the app (an update, also one interrupted by
+    // a crash) is mounted afresh.
+    if !rootfs_current(paths, plan, &mounted) {
         if mounted.contains(&rootfs) {
             os::unmount(&rootfs).map_err(io("unmount the previous rootfs".into()))?;
         }
@@ -355,7 +353,8 @@ fn prepare_blocking(
         layers.push(points);
         os::mount_overlay(&layers, &paths.empty_layer(), &rootfs)
             .map_err(io("mount rootfs".into()))?;
-        std::fs::write(&marker, &wanted).map_err(io("record the rootfs".into()))?;
+        std::fs::write(rootfs_marker(paths, name), rootfs_identity(plan))
+            .map_err(io("record the rootfs".into()))?;
     }
     let netns = paths.netns(name);
     if !mounted.contains(&netns) {
@@ -403,12 +402,20 @@ fn rootfs_identity(plan: &AppPlan) -> String {
     id
 }
 
+/// Beside each mounted rootfs: what it was built from (`rootfs_identity`).
+fn rootfs_marker(paths: &Paths, name: &AppName) -> PathBuf {
+    paths.app(name).join("rootfs.from")
+}
+
+fn rootfs_current(paths: &Paths, plan: &AppPlan, mounted: &HashSet<PathBuf>) -> bool {
+    mounted.contains(&paths.rootfs(&plan.name))
+        && std::fs::read_to_string(rootfs_marker(paths, &plan.name)).ok()
+            == Some(rootfs_identity(plan))
+}
+
 /// Whether the app's mounted rootfs was built from `plan` (false also when not mounted).
 pub fn rootfs_is_current(paths: &Paths, plan: &AppPlan) -> bool {
-    let rootfs = paths.rootfs(&plan.name);
-    os::mount_points().is_ok_and(|m| m.contains(&rootfs))
-        && std::fs::read_to_string(paths.app(&plan.name).join("rootfs.from")).ok()
-            == Some(rootfs_identity(plan))
+    os::mount_points().is_ok_and(|m| rootfs_current(paths, plan, &m))
 }
 
 fn spec_input(
