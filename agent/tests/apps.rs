@@ -299,14 +299,10 @@ async fn exec_and_debug() -> Result<()> {
 async fn logs_follow_and_rotate() -> Result<()> {
     let registry = homeport_testkit::Registry::start()?;
     push_hello(&registry, "hello", "1")?;
-    let agent = homeport_testkit::AgentProcess::start(
-        std::path::Path::new(HOMEPORTD),
-        homeport_testkit::AgentOpts {
-            insecure_registries: vec![registry.host()],
-            log_cap: Some(4096),
-            ..Default::default()
-        },
-    )?;
+    let agent = start_agent(homeport_testkit::AgentOpts {
+        log_cap: Some(4096),
+        ..opts_for(&registry.host())
+    })?;
     let c = agent.client();
     let m = format!(
         "name = \"chatty\"\nimage = \"{}/hello:1\"\ncommand = [\"/bin/sh\", \"-c\", \"i=0; while true; do echo line $i; i=$((i+1)); sleep 0.02; done\"]\n",

@@ -77,40 +77,26 @@ async fn basic_and_token_auth() -> Result<()> {
         let host = registry.host();
         let manifest = format!("name = \"private\"\nimage = \"{host}/private:1\"\n");
         // Without credentials: a clear error, nothing installed.
-        let anon = AgentProcess::start(
-            Path::new(HOMEPORTD),
-            AgentOpts {
-                insecure_registries: vec![host.clone()],
-                ..Default::default()
-            },
-        )?;
+        let anon = start_agent(opts_for(&host))?;
         let err = anon.client().install(&manifest, |_| {}).await.unwrap_err();
         assert_eq!(err.status(), Some(401), "{err}");
         assert!(err.to_string().contains("credentials"), "{err}");
         assert_nothing_left(&anon, "private");
         // Wrong password.
-        let wrong = AgentProcess::start(
-            Path::new(HOMEPORTD),
-            AgentOpts {
-                insecure_registries: vec![host.clone()],
-                registry_auth: vec![format!("{host}=alice:wrong")],
-                ..Default::default()
-            },
-        )?;
+        let wrong = start_agent(AgentOpts {
+            registry_auth: vec![format!("{host}=alice:wrong")],
+            ..opts_for(&host)
+        })?;
         let err = wrong.client().install(&manifest, |_| {}).await.unwrap_err();
         assert!(
             err.status() == Some(401) || err.status() == Some(403),
             "{err}"
         );
         // Right credentials.
-        let agent = AgentProcess::start(
-            Path::new(HOMEPORTD),
-            AgentOpts {
-                insecure_registries: vec![host.clone()],
-                registry_auth: vec![format!("{host}=alice:s3cret")],
-                ..Default::default()
-            },
-        )?;
+        let agent = start_agent(AgentOpts {
+            registry_auth: vec![format!("{host}=alice:s3cret")],
+            ..opts_for(&host)
+        })?;
         let c = agent.client();
         context(
             c.install(&manifest, |_| {}).await.map_err(Into::into),
@@ -301,13 +287,7 @@ fn garbage_registry() -> Result<(String, std::thread::JoinHandle<()>)> {
 #[tokio::test]
 async fn a_registry_answering_garbage_gets_a_clear_error() -> Result<()> {
     let (addr, _server) = garbage_registry()?;
-    let agent = AgentProcess::start(
-        Path::new(HOMEPORTD),
-        AgentOpts {
-            insecure_registries: vec![addr.clone()],
-            ..Default::default()
-        },
-    )?;
+    let agent = start_agent(opts_for(&addr))?;
     let m = format!("name = \"junk\"\nimage = \"{addr}/junk:1\"\n");
     let err = agent.client().install(&m, |_| {}).await.unwrap_err();
     assert_eq!(err.status(), Some(502), "{err}");

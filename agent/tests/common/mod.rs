@@ -13,6 +13,19 @@ use homeport_testkit::{AgentOpts, AgentProcess, BusyboxOpts, Registry};
 pub const HOMEPORTD: &str = env!("CARGO_BIN_EXE_homeportd");
 pub const HOMEPORT: &str = env!("CARGO_BIN_EXE_homeport");
 
+/// Options for an agent that may pull from `registry` (host:port) over plain HTTP.
+pub fn opts_for(registry: &str) -> AgentOpts {
+    AgentOpts {
+        insecure_registries: vec![registry.to_string()],
+        ..Default::default()
+    }
+}
+
+/// Starts the `homeportd` under test.
+pub fn start_agent(opts: AgentOpts) -> Result<AgentProcess> {
+    AgentProcess::start(Path::new(HOMEPORTD), opts)
+}
+
 pub struct World {
     pub registry: Registry,
     pub agent: AgentProcess,
@@ -29,13 +42,7 @@ impl World {
     pub fn new() -> Result<World> {
         let registry = Registry::start()?;
         push_hello(&registry, "hello", "1")?;
-        let agent = AgentProcess::start(
-            Path::new(HOMEPORTD),
-            AgentOpts {
-                insecure_registries: vec![registry.host()],
-                ..Default::default()
-            },
-        )?;
+        let agent = start_agent(opts_for(&registry.host()))?;
         Ok(World { registry, agent })
     }
 
