@@ -1,6 +1,8 @@
 //! A `homeportd` under test: its own data directory, socket and cgroup parent; killed (or
 //! stopped) on drop, with every app removed and every mount under its data dir undone.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +19,12 @@ pub struct AgentOpts {
     pub log_cap: Option<u64>,
     /// Extra environment (e.g. HOMEPORT_CRASHPOINT).
     pub env: Vec<(String, String)>,
+    /// The network namespace to run the agent in (e.g. [`NetWorld::netns_path`] of
+    /// [`NetWorld::dev`]); `None` is the test's own. Only the network namespace changes.
+    ///
+    /// [`NetWorld::netns_path`]: crate::NetWorld::netns_path
+    /// [`NetWorld::dev`]: crate::NetWorld::dev
+    pub netns: Option<PathBuf>,
 }
 
 impl Default for AgentOpts {
@@ -27,6 +35,7 @@ impl Default for AgentOpts {
             stop_grace_secs: 2,
             log_cap: None,
             env: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -157,8 +166,11 @@ impl AgentProcess {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = self
-            .command()
+        let mut command = self.command();
+        if let Some(ns) = &self.opts.netns {
+            in_netns(&mut command, ns)?;
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -282,16 +294,36 @@ impl AgentProcess {
                                 .await;
                         }
                     }
-                    info.and_then(|i| i["bridge"].as_str().map(str::to_string))
+                    info.and_then(|i| {
+                        Some((
+                            i["bridge"].as_str()?.to_string(),
+                            i["firewall_table"].as_str().map(str::to_string),
+                        ))
+                    })
                 })
             })
             .join()
             .ok()
             .flatten();
             self.stop();
-            // The bridge belongs to the device; a test's agent takes its own along.
-            if let Some(bridge) = bridge {
-                let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+            // The bridge and the firewall table belong to the device; a test's agent takes
+            // its own along. In a namespace that is gone already, they went with it.
+            if let Some((bridge, table)) = bridge {
+                let mut commands = vec![vec!["ip", "link", "del", bridge.as_str()]];
+                if let Some(t) = &table {
+                    commands.push(vec!["nft", "delete", "table", "inet", t]);
+                }
+                for args in commands {
+                    let mut del = Command::new(args[0]);
+                    del.args(&args[1..]).stderr(std::process::Stdio::null());
+                    let entered = match &self.opts.netns {
+                        Some(ns) => in_netns(&mut del, ns).is_ok(),
+                        None => true,
+                    };
+                    if entered {
+                        let _ = del.status();
+                    }
+                }
             }
         }
         // Anything still mounted below the data dir (a test that failed half way).
@@ -318,6 +350,25 @@ impl AgentProcess {
             );
         }
     }
+}
+
+/// Makes `cmd` start in the network namespace at `netns`: the child calls setns before exec.
+/// Unlike `ip netns exec`, this leaves the mount namespace (and /sys) alone.
+fn in_netns(cmd: &mut Command, netns: &Path) -> Result<()> {
+    let ns = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    // SAFETY: between fork and exec the hook makes only the setns system call (async-signal
+    // safe) on a descriptor that it owns, so it stays open as long as `cmd`; it is close-on-
+    // exec, so the agent does not inherit it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
 }
 
 /// The cgroup hierarchies on this machine (v1 controllers, or "" for a pure v2 mount).
@@ -348,4 +399,73 @@ pub fn cgroup_controllers_for(parent: &str, app: &str) -> Vec<PathBuf> {
         .iter()
         .map(|c| Path::new("/sys/fs/cgroup").join(c).join(parent).join(app))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NetWorld;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// A stand-in for homeportd: it records its namespaces, then answers the two requests the
+    /// harness's cleanup makes, with a bridge named `tbr0`. perl-base is part of every Debian.
+    const FAKE_AGENT: &str = r#"#!/bin/sh
+# called as: fake --data-dir DIR ...
+readlink /proc/self/ns/net > "$2/netns"
+readlink /proc/self/ns/mnt > "$2/mntns"
+exec perl -MIO::Socket::UNIX -e '
+$SIG{PIPE} = "IGNORE";
+my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => $ARGV[0], Listen => 5)
+    or die "listen: $!";
+while (my $c = $s->accept) {
+    my $line = <$c> // next;
+    while (my $h = <$c>) { last if $h eq "\r\n"; }
+    my $body = $line =~ m{^GET /v1/info } ? q({"bridge":"tbr0"}) : "[]";
+    print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        . length($body) . "\r\nConnection: close\r\n\r\n" . $body;
+    close $c;
+}' "$2/agent.sock"
+"#;
+
+    #[test]
+    fn agent_runs_in_netns_and_takes_its_bridge_along() {
+        let world = NetWorld::new().expect("network world");
+        let bin_dir = tempfile::tempdir().expect("tempdir");
+        let bin = bin_dir.path().join("fake-homeportd");
+        std::fs::write(&bin, FAKE_AGENT).expect("write the fake agent");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        world
+            .check(
+                world.dev(),
+                &["ip", "link", "add", "tbr0", "type", "bridge"],
+            )
+            .expect("bridge");
+
+        let ns = NetWorld::netns_path(world.dev());
+        let opts = AgentOpts {
+            netns: Some(ns.clone()),
+            ..Default::default()
+        };
+        let agent = AgentProcess::start(&bin, opts).expect("start the fake agent");
+        let read = |name: &str| {
+            std::fs::read_to_string(agent.data_dir().join(name))
+                .expect("namespace record")
+                .trim()
+                .to_string()
+        };
+        let ino = std::fs::metadata(&ns).expect("netns file").ino();
+        assert_eq!(read("netns"), format!("net:[{ino}]"));
+        let own_mnt = std::fs::read_link("/proc/self/ns/mnt").expect("own mount namespace");
+        assert_eq!(
+            read("mntns"),
+            own_mnt.to_string_lossy(),
+            "mount namespace changed"
+        );
+
+        drop(agent);
+        let out = world
+            .run(world.dev(), &["ip", "link", "show", "tbr0"])
+            .expect("ip link show");
+        assert!(!out.status.success(), "the agent's bridge is still there");
+    }
 }

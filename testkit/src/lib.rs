@@ -8,6 +8,8 @@
 //!   [`push_whiteouts`], [`push_malicious`], [`push_corrupt_blob`].
 //!
 //! - [`AgentProcess`]: a `homeportd` under test with its own data directory and cgroup parent.
+//! - [`NetWorld`]: device, LAN router and internet as three network namespaces, with small
+//!   HTTP and DNS [`Server`]s inside them.
 //!
 //! Everything is sync: the peers are separate processes or threads, so calling these functions
 //! from an async test only blocks the calling thread for a moment.
@@ -18,6 +20,7 @@
 mod agent;
 mod image;
 mod images;
+mod networld;
 mod registry;
 mod token;
 
@@ -32,6 +35,7 @@ pub use images::{
     push_multiarch, push_whiteouts, BusyboxOpts, CorruptImage, Malicious, MaliciousImage,
     BUSYBOX_APPLETS, BUSYBOX_CMD,
 };
+pub use networld::{NetWorld, Server};
 pub use registry::Registry;
 
 use anyhow::{bail, Context, Result};
