@@ -5,8 +5,9 @@ pkgs=(
   gcc pkg-config libseccomp-dev          # build: libcontainer links libseccomp
   docker-registry skopeo umoci           # tests: a real OCI registry, images built and pushed
   busybox-static apache2-utils openssl   # tests: image contents, htpasswd, token-auth keys
-  ca-certificates util-linux iproute2    # mount, ip (the harness removes test bridges)
-  crun                                   # benchmarks: the runtime we compare against
+  ca-certificates util-linux iproute2    # mount, ip (the harness builds test networks)
+  nftables                               # the agent's firewall (libnftables1) and tests' nft
+  crun iperf3                            # benchmarks: what we compare against
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -41,6 +41,14 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("app {0}: its supervisor stopped")]
     SupervisorGone(String),
+    #[error("port {port}/{protocol} is already published by app {app}")]
+    PortTaken {
+        port: u16,
+        protocol: crate::manifest::Protocol,
+        app: String,
+    },
+    #[error("the firewall: {0}")]
+    Firewall(std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, AgentError>;
@@ -89,6 +97,8 @@ pub struct Config {
     pub log_cap: u64,
     /// Time between SIGTERM and SIGKILL when an app is stopped.
     pub stop_grace: Duration,
+    /// Where the device's DNS resolvers are read from for the apps' resolv.conf.
+    pub resolv_conf: std::path::PathBuf,
 }
 
 pub struct Agent {
@@ -105,6 +115,9 @@ struct Inner {
     stop_grace: Duration,
     apps: Mutex<HashMap<AppName, Handle>>,
     installing: Mutex<std::collections::HashSet<AppName>>,
+    /// Held from reading the apps' ports to recording the change that made the firewall
+    /// differ, so two changes never apply sets computed from the same old state.
+    rules: tokio::sync::Mutex<()>,
 }
 
 struct Handle {
@@ -151,13 +164,27 @@ impl Agent {
             .setting_or_insert("ula", &crate::net::Ula48::random().to_string())?
             .parse()
             .context("the stored ULA prefix")?;
-        let network = Arc::new(crate::net::Network::new(ula));
+        // Its internal IPv4 net: chosen once, away from the routes the device has then.
+        let net4: crate::net::AppsNet4 = match store.setting("ipv4")? {
+            Some(v) => v.parse().context("the stored IPv4 net")?,
+            None => {
+                let chosen = crate::net::Network::choose_net4(&ula)
+                    .context("choose an internal IPv4 net")?;
+                store
+                    .setting_or_insert("ipv4", &chosen.to_string())?
+                    .parse()
+                    .context("the stored IPv4 net")?
+            }
+        };
+        let network = Arc::new(crate::net::Network::new(ula, net4, config.resolv_conf));
+        // The firewall is made anew from the store: whatever the kernel held, it matches.
+        let rules = app_rules(&store, &network, None)?;
         let net = network.clone();
-        tokio::task::spawn_blocking(move || net.up())
+        tokio::task::spawn_blocking(move || net.up(&rules))
             .await
-            .context("bring up the bridge")?
-            .with_context(|| format!("bring up the bridge {}", network.bridge()))?;
-        tracing::info!(prefix = %network.apps_net(), bridge = network.bridge(), "app network up");
+            .context("bring up the app network")?
+            .with_context(|| format!("bring up the app network on {}", network.bridge()))?;
+        tracing::info!(prefix = %network.apps_net(), ipv4 = %network.apps_net4(), bridge = network.bridge(), "app network up");
         let runtime = Runtime::new(paths.clone(), network.clone(), config.cgroup_parent, &exe)?;
         let inner = Arc::new(Inner {
             store,
@@ -169,9 +196,14 @@ impl Agent {
             stop_grace: config.stop_grace,
             apps: Mutex::default(),
             installing: Mutex::default(),
+            rules: tokio::sync::Mutex::new(()),
         });
         inner.images.recover()?;
         inner.recover().await?;
+        let released = inner.store.release_unowned_ipv4()?;
+        if released > 0 {
+            tracing::info!(released, "released IPv4 addresses of unfinished installs");
+        }
         Ok(Agent { inner })
     }
 
@@ -261,6 +293,8 @@ impl Agent {
                 data_dir: i.paths.data().display().to_string(),
                 apps_prefix: i.network.apps_net().to_string(),
                 bridge: i.network.bridge().to_string(),
+                apps_net4: i.network.apps_net4().to_string(),
+                firewall_table: i.network.table().to_string(),
             }),
         })
     }
@@ -279,6 +313,8 @@ impl Agent {
         if i.store.app(&name)?.is_some() {
             return Err(AgentError::AlreadyInstalled(name.to_string()));
         }
+        // Early, so a clash is reported before a long pull (and again when recording).
+        port_conflict(&i.store, &manifest)?;
         if !lock(&i.installing).insert(name.clone()) {
             return Err(AgentError::InstallInProgress(name.to_string()));
         }
@@ -324,6 +360,11 @@ impl Agent {
         };
         i.plan(&new_row)?;
         crate::crashpoint("update:pulled");
+        // The firewall follows the new manifest's ports before the record: a crash between
+        // the two is repaired at start, when the firewall is made anew from the store.
+        let rules = i.rules.lock().await;
+        port_conflict(&i.store, &manifest)?;
+        i.apply_rules(Some(&manifest)).await?;
         let mut detail = if pinned == row.pinned {
             "image unchanged".to_string()
         } else {
@@ -332,8 +373,14 @@ impl Agent {
         if text != row.manifest {
             detail.push_str("; manifest changed");
         }
-        i.store
-            .update_app(name, &text, pulled.image_id, &pinned, &actor.0, &detail)?;
+        if let Err(e) = i
+            .store
+            .update_app(name, &text, pulled.image_id, &pinned, &actor.0, &detail)
+        {
+            let _ = i.apply_rules(None).await;
+            return Err(e.into());
+        }
+        drop(rules);
         tracing::info!(app = %name, %detail, "updated");
         crate::crashpoint("update:recorded");
         if row.desired == Desired::Running {
@@ -385,6 +432,57 @@ impl Agent {
     }
 }
 
+/// The firewall's view of the installed apps, `changed` (an app being installed or updated)
+/// in place of what the store holds for it.
+fn app_rules(
+    store: &Store,
+    network: &crate::net::Network,
+    changed: Option<&Manifest>,
+) -> Result<Vec<crate::net::AppRules>> {
+    let mut manifests: Vec<Manifest> = Vec::new();
+    for row in store.apps()? {
+        if row.phase != Phase::Installed || changed.is_some_and(|m| m.name == row.name) {
+            continue;
+        }
+        manifests.push(Manifest::parse(&row.manifest)?);
+    }
+    manifests.extend(changed.cloned());
+    manifests
+        .into_iter()
+        .map(|m| {
+            let host = store.allocate_ipv4(&m.name, crate::net::AppsNet4::hosts())?;
+            Ok(crate::net::AppRules {
+                v6: network.app_address(&m.name),
+                v4: network.app_ipv4(host),
+                https: m.https.map(|h| h.port),
+                ports: m.ports,
+            })
+        })
+        .collect()
+}
+
+/// Refuses a manifest whose public ports another installed app publishes already: they are
+/// the device's ports, so one app each.
+fn port_conflict(store: &Store, manifest: &Manifest) -> Result<()> {
+    for row in store.apps()? {
+        if row.name == manifest.name || row.phase != Phase::Installed {
+            continue;
+        }
+        let other = Manifest::parse(&row.manifest)?;
+        if let Some((protocol, port)) = manifest
+            .public_ports()
+            .find(|p| other.public_ports().any(|o| o == *p))
+        {
+            return Err(AgentError::PortTaken {
+                port,
+                protocol,
+                app: row.name.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Inner {
     fn installed(&self, name: &AppName) -> Result<AppRow> {
         match self.store.app(name)? {
@@ -406,6 +504,10 @@ impl Inner {
             name: row.name.to_string(),
             image: row.pinned.clone(),
             address: self.network.app_address(&row.name).to_string(),
+            ipv4: match self.store.ipv4_host(&row.name) {
+                Ok(Some(h)) => self.network.app_ipv4(h).to_string(),
+                _ => String::new(),
+            },
             desired: row.desired,
             run: status.run,
             restarts: status.restarts,
@@ -431,7 +533,22 @@ impl Inner {
             manifest,
             layers: self.images.layer_dirs(row.image_id)?,
             image: process,
+            // Taken at install; an app recorded before there were IPv4 nets gets one here.
+            ipv4_host: self
+                .store
+                .allocate_ipv4(&row.name, crate::net::AppsNet4::hosts())?,
         })
+    }
+
+    /// Applies the firewall's sets for the installed apps, with `changed` (an app being
+    /// installed or updated) in place of what the store holds for it. Callers hold `rules`.
+    async fn apply_rules(&self, changed: Option<&Manifest>) -> Result<()> {
+        let rules = app_rules(&self.store, &self.network, changed)?;
+        let network = self.network.clone();
+        tokio::task::spawn_blocking(move || network.update_rules(&rules))
+            .await
+            .unwrap_or_else(|e| panic!("firewall update panicked: {e}"))
+            .map_err(AgentError::Firewall)
     }
 
     async fn install(
@@ -462,10 +579,28 @@ impl Inner {
         }
         crate::crashpoint("install:prepared");
         let detail = format!("installed {} pinned to {}", manifest.image, pulled.resolved);
-        if let Err(e) = self.store.insert_app(&row, &actor.0, &detail) {
+        // The firewall lets the app be reached before it is recorded; a crash in between is
+        // repaired at start (the firewall is made anew from the store).
+        let rules = self.rules.lock().await;
+        let recorded = match port_conflict(&self.store, &manifest) {
+            Ok(()) => match self.apply_rules(Some(&manifest)).await {
+                Ok(()) => {
+                    crate::crashpoint("install:allowed");
+                    self.store
+                        .insert_app(&row, &actor.0, &detail)
+                        .map_err(AgentError::from)
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = recorded {
+            let _ = self.apply_rules(None).await;
+            drop(rules);
             let _ = self.runtime.teardown(&name).await;
-            return Err(e.into());
+            return Err(e);
         }
+        drop(rules);
         tracing::info!(app = %name, pinned = %pinned, "installed");
         crate::crashpoint("install:recorded");
         let handle = self.spawn_supervisor(name.clone(), None);
@@ -498,6 +633,11 @@ impl Inner {
             lock(&self.apps).remove(name);
         }
         self.runtime.teardown(name).await?;
+        {
+            // The app is marked as being removed, so its rules are left out.
+            let _rules = self.rules.lock().await;
+            self.apply_rules(None).await?;
+        }
         crate::crashpoint("rm:torn-down");
         if purge_data {
             let dir = self.paths.app_volumes(name);

@@ -8,7 +8,7 @@
 //! DATA/tmp/                      downloads and unpacks in progress; emptied at start
 //! DATA/apps/<app>/rootfs/        the app's read-only overlay mount
 //! DATA/apps/<app>/bundle/        OCI bundle (config.json)
-//! DATA/apps/<app>/etc/hosts      bind-mounted into the app
+//! DATA/apps/<app>/etc/hosts      bind-mounted into the app (and etc/resolv.conf)
 //! DATA/apps/<app>/netns          the app's network namespace (a bind mount)
 //! DATA/apps/<app>/logs/          current.log and current.log.1
 //! DATA/volumes/<app>/<volume>/   app data; survives `rm` unless --purge-data
@@ -63,6 +63,9 @@ impl Paths {
     }
     pub fn hosts(&self, name: &AppName) -> PathBuf {
         self.app(name).join("etc").join("hosts")
+    }
+    pub fn resolv_conf(&self, name: &AppName) -> PathBuf {
+        self.app(name).join("etc").join("resolv.conf")
     }
     pub fn netns(&self, name: &AppName) -> PathBuf {
         self.app(name).join("netns")

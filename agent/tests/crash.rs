@@ -46,7 +46,7 @@ async fn crash_install_at(point: &str, present_after: bool) -> Result<()> {
     let manifest = w.manifest(
         "hello",
         "hello:1",
-        "[[volume]]\nname = \"data\"\npath = \"/data\"\n",
+        "[[volume]]\nname = \"data\"\npath = \"/data\"\n[https]\nport = 8080\n",
     );
     w.agent.kill9();
     w.agent.spawn_with_env("HOMEPORT_CRASHPOINT", point)?;
@@ -71,6 +71,16 @@ async fn crash_install_at(point: &str, present_after: bool) -> Result<()> {
     } else {
         assert!(apps.is_empty(), "{point}: {apps:?}");
         assert_absent_cleanly(&w.agent, "hello");
+        // The firewall lets nothing through to an app that is not installed.
+        let info: homeport::api::types::AgentInfo = c.get("/v1/info").await?;
+        let rules = std::process::Command::new("nft")
+            .args(["list", "table", "inet", &info.firewall_table])
+            .output()?;
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        assert!(
+            rules.contains("chain forward") && !rules.contains("elements"),
+            "{point}: {rules}"
+        );
         assert_layers_consistent(&w.agent).await?;
         // And installing again just works.
         context(
@@ -102,6 +112,11 @@ async fn killed_when_all_layers_are_ready() -> Result<()> {
 #[tokio::test]
 async fn killed_after_the_app_is_prepared() -> Result<()> {
     crash_install_at("install:prepared", false).await
+}
+
+#[tokio::test]
+async fn killed_after_the_firewall_lets_the_app_in() -> Result<()> {
+    crash_install_at("install:allowed", false).await
 }
 
 #[tokio::test]

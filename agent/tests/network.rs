@@ -60,8 +60,14 @@ async fn every_app_has_its_own_address_and_port() -> Result<()> {
     let links_before = host_links(&info.bridge);
 
     // Two apps, both on port 8080.
-    let one = c.install(&w.manifest("one", "hello:1", ""), |_| {}).await?;
-    let two = c.install(&w.manifest("two", "hello:2", ""), |_| {}).await?;
+    // The device (its proxy) reaches an app on its declared HTTP port.
+    let http = "[https]\nport = 8080\n";
+    let one = c
+        .install(&w.manifest("one", "hello:1", http), |_| {})
+        .await?;
+    let two = c
+        .install(&w.manifest("two", "hello:2", http), |_| {})
+        .await?;
     wait_running(&c, "one").await?;
     wait_running(&c, "two").await?;
     assert_ne!(one.address, two.address);
@@ -136,7 +142,7 @@ async fn every_app_has_its_own_address_and_port() -> Result<()> {
     c.update(
         "one",
         Some(&format!(
-            "name = \"one\"\nimage = \"{}/hello:2\"\n",
+            "name = \"one\"\nimage = \"{}/hello:2\"\n{http}",
             w.registry.host()
         )),
         |_| {},

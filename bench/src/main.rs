@@ -2,7 +2,7 @@
 //! Figures go to `target/bench/NAME.json` and to stdout. Not tests: nothing here fails for
 //! being slow.
 //!
-//! `homeport-bench [start|pull|memory|all] [--bin-dir target/release]`
+//! `homeport-bench [start|pull|memory|network|throughput|all] [--bin-dir target/release]`
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,7 +21,7 @@ fn main() -> Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bin-dir" => bin_dir = args.next().context("--bin-dir needs a path")?.into(),
-            "start" | "pull" | "memory" | "network" | "all" => which = a,
+            "start" | "pull" | "memory" | "network" | "throughput" | "all" => which = a,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -41,6 +41,9 @@ fn main() -> Result<()> {
     }
     if which == "network" || which == "all" {
         network()?;
+    }
+    if which == "throughput" || which == "all" {
+        throughput()?;
     }
     Ok(())
 }
@@ -281,25 +284,60 @@ async fn pull(bins: &Path) -> Result<()> {
     )
 }
 
-/// Time to wire an app's network (a new namespace with loopback up, a veth pair on the
-/// bridge, eth0 with its address, the default route), for 100 apps in a row: the median, and
-/// the figures at 1, 50 and 100 apps installed (the per-app cost must not grow).
-fn network() -> Result<()> {
-    use homeport::manifest::AppName;
+/// A device network of its own for a benchmark (a random prefix: no clash with agents).
+fn device_network() -> Result<homeport::net::Network> {
     use homeport::net::{Network, Ula48};
+    let ula = Ula48::random();
+    Ok(Network::new(
+        ula,
+        Network::choose_net4(&ula)?,
+        "/etc/resolv.conf".into(),
+    ))
+}
+
+/// Removes what `device_network` brought up: the bridge and the firewall table.
+fn remove_device_network(net: &homeport::net::Network) {
+    let _ = Command::new("ip")
+        .args(["link", "del", net.bridge()])
+        .status();
+    let _ = Command::new("nft")
+        .args(["delete", "table", "inet", net.table()])
+        .status();
+}
+
+/// Time to wire an app's network (a new namespace with loopback up, a veth pair on the
+/// bridge, eth0 with its addresses, the default routes, and the firewall updated for it), for
+/// 100 apps in a row: the median, and the figures at 1, 50 and 100 apps installed (the
+/// per-app cost must not grow).
+fn network() -> Result<()> {
+    use homeport::manifest::{Access, AppName, Port, Protocol};
+    use homeport::net::AppRules;
     const APPS: usize = 100;
-    let net = Network::new(Ula48::random());
-    net.up()?;
+    let net = device_network()?;
+    net.up(&[])?;
     let dir = tempfile::tempdir()?;
     let mut times = Vec::new();
+    let mut rules = Vec::new();
     let mut result = Ok(());
     for i in 0..APPS {
         let app = AppName::try_from(format!("bench{i}").as_str())?;
         let ns = dir.path().join(format!("ns{i}"));
+        let host = i as u32 + 2;
+        rules.push(AppRules {
+            v6: net.app_address(&app),
+            v4: net.app_ipv4(host),
+            https: Some(8080),
+            ports: vec![Port {
+                port: 10_000 + i as u16,
+                protocol: Protocol::Udp,
+                access: Access::Public,
+            }],
+        });
         let t = Instant::now();
         let r = homeport::runtime::os::create_netns(&ns)
             .map_err(anyhow::Error::from)
-            .and_then(|()| Ok(net.wire_app(&app, &ns)?));
+            .and_then(|()| Ok(net.wire_app(&app, host, &ns)?))
+            .and_then(|()| Ok(net.update_rules(&rules)?));
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         if let Err(e) = r {
             result = Err(e);
@@ -312,15 +350,13 @@ fn network() -> Result<()> {
         }
         let _ = homeport::runtime::os::unmount(&dir.path().join(format!("ns{i}")));
     }
-    let _ = Command::new("ip")
-        .args(["link", "del", net.bridge()])
-        .status();
+    remove_device_network(&net);
     result?;
     let at = |n: usize| times[n - 1];
     report(
         "network",
         json!({
-            "what": "time to wire one app's network: namespace, veth on the bridge, address (no DAD), default route; ms",
+            "what": "time to wire one app's network: namespace, veth on the bridge, IPv6 and IPv4 addresses (no DAD), default routes, firewall sets updated; ms",
             "apps": APPS,
             "median_ms": median(times.clone()), "target_ms": 20.0,
             "at_1_app_ms": at(1), "at_50_apps_ms": at(50), "at_100_apps_ms": at(100),
@@ -328,6 +364,87 @@ fn network() -> Result<()> {
             "all_ms": times,
         }),
     )
+}
+
+/// TCP throughput from the device (where the proxy runs) to an app over its veth and the
+/// bridge, through the firewall, against the same over loopback: iperf3, alternating runs.
+fn throughput() -> Result<()> {
+    use homeport::manifest::AppName;
+    use homeport::net::AppRules;
+    const RUNS: usize = 3;
+    const SECS: &str = "3";
+    let net = device_network()?;
+    let app = AppName::try_from("iperf")?;
+    let rules = [AppRules {
+        v6: net.app_address(&app),
+        v4: net.app_ipv4(2),
+        https: Some(5201),
+        ports: Vec::new(),
+    }];
+    net.up(&rules)?;
+    let dir = tempfile::tempdir()?;
+    let ns = dir.path().join("ns");
+    let result = (|| -> Result<serde_json::Value> {
+        homeport::runtime::os::create_netns(&ns)?;
+        net.wire_app(&app, 2, &ns)?;
+        let server = |netns: Option<&Path>, port: &str| -> Result<std::process::Child> {
+            let mut cmd = match netns {
+                Some(p) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net={}", p.display())).arg("iperf3");
+                    c
+                }
+                None => Command::new("iperf3"),
+            };
+            let child = cmd
+                .args(["-s", "-p", port])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("start iperf3 (apt install iperf3)")?;
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(child)
+        };
+        let client = |addr: &str, port: &str| -> Result<f64> {
+            let out = Command::new("iperf3")
+                .args(["-c", addr, "-p", port, "-t", SECS, "-J"])
+                .output()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+                format!("iperf3 to {addr}: {}", String::from_utf8_lossy(&out.stderr))
+            })?;
+            v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .map(|b| b / 1e9)
+                .with_context(|| format!("iperf3 to {addr}: {v}"))
+        };
+        let mut app_server = server(Some(&ns), "5201")?;
+        let mut lo_server = server(None, "5202")?;
+        let (mut veth, mut lo) = (Vec::new(), Vec::new());
+        let app_addr = net.app_address(&app).to_string();
+        let measured = (|| -> Result<()> {
+            for _ in 0..RUNS {
+                veth.push(client(&app_addr, "5201")?);
+                lo.push(client("::1", "5202")?);
+            }
+            Ok(())
+        })();
+        for s in [&mut app_server, &mut lo_server] {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        measured?;
+        let (v, l) = (median(veth.clone()), median(lo.clone()));
+        Ok(json!({
+            "what": "TCP throughput device -> app over veth + bridge + firewall vs loopback, iperf3, median Gbit/s",
+            "runs": RUNS, "seconds_each": SECS,
+            "veth_gbps": v, "loopback_gbps": l, "ratio_vs_loopback": v / l, "target_ratio": 0.9,
+            "veth_all_gbps": veth, "loopback_all_gbps": lo,
+        }))
+    })();
+    let _ = net.unwire_app(&app);
+    let _ = homeport::runtime::os::unmount(&ns);
+    remove_device_network(&net);
+    report("throughput", result?)
 }
 
 /// A `kB` field of a /proc file (`VmRSS` in status, `Pss` in smaps_rollup).

@@ -629,6 +629,7 @@ pub fn status_of(e: &AgentError) -> StatusCode {
         AgentError::NoSuchApp(_) => StatusCode::NOT_FOUND,
         AgentError::AlreadyInstalled(_)
         | AgentError::InstallInProgress(_)
+        | AgentError::PortTaken { .. }
         | AgentError::NotRunning(_) => StatusCode::CONFLICT,
         AgentError::Manifest(_) | AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
         AgentError::Image(ImageError::Registry(r)) => match r {
@@ -646,6 +647,7 @@ pub fn status_of(e: &AgentError) -> StatusCode {
         AgentError::Image(_)
         | AgentError::Runtime(_)
         | AgentError::Store(_)
+        | AgentError::Firewall(_)
         | AgentError::SupervisorGone(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -56,6 +56,8 @@ pub struct AppSummary {
     pub image: String,
     /// The app's own IPv6 address (the same across restarts, updates and reinstalls).
     pub address: String,
+    /// The app's address in the device's internal IPv4 net (NATed; kept while installed).
+    pub ipv4: String,
     pub desired: Desired,
     pub run: RunState,
     /// Restarts after crashes since the agent started.
@@ -131,6 +133,10 @@ pub struct AgentInfo {
     /// The /64 apps get their addresses from, and the bridge that holds its gateway.
     pub apps_prefix: String,
     pub bridge: String,
+    /// The internal IPv4 net apps get addresses from (NATed to the outside).
+    pub apps_net4: String,
+    /// The nftables table (family `inet`) holding the device's firewall.
+    pub firewall_table: String,
 }
 
 /// Sent in the `Homeport-Exec` header (hex of this JSON) of an exec/debug upgrade.

@@ -28,6 +28,64 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
     pub volumes: Vec<Volume>,
     pub resources: Resources,
+    /// The port the app serves HTTP on: the device's reverse proxy reaches it there.
+    pub https: Option<Https>,
+    /// Raw ports besides HTTP (`[[port]]`).
+    pub ports: Vec<Port>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Https {
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who reaches a raw port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// LAN clients, on the device's own addresses (IPv4 and IPv6) and the same port number.
+    Public,
+    /// Only the device itself (its proxy, health checks).
+    Internal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Port {
+    pub port: u16,
+    pub protocol: Protocol,
+    pub access: Access,
+}
+
+impl Manifest {
+    /// The raw ports LAN clients reach on the device's addresses.
+    pub fn public_ports(&self) -> impl Iterator<Item = (Protocol, u16)> + '_ {
+        self.ports
+            .iter()
+            .filter(|p| p.access == Access::Public)
+            .map(|p| (p.protocol, p.port))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +164,23 @@ struct Raw {
     #[serde(default)]
     volume: Vec<Spanned<RawVolume>>,
     resources: Option<Spanned<RawResources>>,
+    https: Option<Spanned<RawHttps>>,
+    #[serde(default)]
+    port: Vec<Spanned<RawPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttps {
+    port: Spanned<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    port: Spanned<i64>,
+    protocol: Option<Spanned<String>>,
+    access: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -124,7 +199,7 @@ struct RawResources {
 }
 
 /// Keys a manifest may have at the top level; named in the message for an unknown key.
-const TOP_LEVEL_KEYS: &str = "name, image, command, env, volume, resources";
+const TOP_LEVEL_KEYS: &str = "name, image, command, env, volume, resources, https, port";
 
 impl Manifest {
     /// Parses and validates manifest text. Reports every semantic problem it finds.
@@ -271,6 +346,12 @@ impl Manifest {
             }
         }
 
+        let https = raw.https.as_ref().and_then(|h| {
+            let h = h.get_ref();
+            port_number(&mut p, &h.port, "https.port").map(|port| Https { port })
+        });
+        let ports = parse_ports(&mut p, &raw.port, https);
+
         if !p.list.is_empty() {
             return Err(ManifestError { problems: p.list });
         }
@@ -282,10 +363,115 @@ impl Manifest {
                 env,
                 volumes,
                 resources,
+                https,
+                ports,
             }),
             _ => Err(ManifestError { problems: p.list }),
         }
     }
+}
+
+fn port_number(p: &mut Problems, n: &Spanned<i64>, key: &str) -> Option<u16> {
+    match u16::try_from(*n.get_ref()) {
+        Ok(v) if v > 0 => Some(v),
+        _ => {
+            p.push(
+                n.span(),
+                key,
+                format!("{} is not a port: use 1 to 65535", n.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+/// Ports the device keeps for itself: LAN clients reaching them must get the device.
+const DEVICE_PORTS: [(Protocol, u16, &str); 3] = [
+    (
+        Protocol::Tcp,
+        80,
+        "the device's HTTPS proxy (declare [https] instead)",
+    ),
+    (
+        Protocol::Tcp,
+        443,
+        "the device's HTTPS proxy (declare [https] instead)",
+    ),
+    (Protocol::Udp, 5353, "the device's mDNS responder"),
+];
+
+fn parse_ports(p: &mut Problems, raw: &[Spanned<RawPort>], https: Option<Https>) -> Vec<Port> {
+    let mut ports: Vec<Port> = Vec::new();
+    for (i, rp) in raw.iter().enumerate() {
+        let rp = rp.get_ref();
+        let key = format!("port[{i}]");
+        let number = port_number(p, &rp.port, &format!("{key}.port"));
+        let protocol = match &rp.protocol {
+            None => Some(Protocol::Tcp),
+            Some(s) => match s.get_ref().as_str() {
+                "tcp" => Some(Protocol::Tcp),
+                "udp" => Some(Protocol::Udp),
+                other => {
+                    p.push(
+                        s.span(),
+                        &format!("{key}.protocol"),
+                        format!("{other:?} is not supported: use \"tcp\" or \"udp\""),
+                    );
+                    None
+                }
+            },
+        };
+        let access = match &rp.access {
+            None => Some(Access::Internal),
+            Some(s) => match s.get_ref().as_str() {
+                "public" => Some(Access::Public),
+                "internal" => Some(Access::Internal),
+                other => {
+                    p.push(
+                        s.span(),
+                        &format!("{key}.access"),
+                        format!("{other:?} is not an access: use \"public\" (LAN clients) or \"internal\" (the device only)"),
+                    );
+                    None
+                }
+            },
+        };
+        let (Some(port), Some(protocol), Some(access)) = (number, protocol, access) else {
+            continue;
+        };
+        let span = rp.port.span();
+        if ports
+            .iter()
+            .any(|o| o.port == port && o.protocol == protocol)
+        {
+            p.push(
+                span,
+                &format!("{key}.port"),
+                format!("{port}/{protocol} is declared twice"),
+            );
+        } else if protocol == Protocol::Tcp && https.is_some_and(|h| h.port == port) {
+            p.push(
+                span,
+                &format!("{key}.port"),
+                format!("{port}/tcp is already the [https] port"),
+            );
+        } else if let Some((_, _, owner)) = DEVICE_PORTS
+            .iter()
+            .find(|(pr, n, _)| access == Access::Public && *pr == protocol && *n == port)
+        {
+            p.push(
+                span,
+                &format!("{key}.port"),
+                format!("{port}/{protocol} cannot be public: it belongs to {owner}"),
+            );
+        }
+        ports.push(Port {
+            port,
+            protocol,
+            access,
+        });
+    }
+    ports
 }
 
 struct Problems<'a> {
@@ -362,7 +548,7 @@ fn check_container_path(path: &str) -> Result<(), String> {
     if path == "/" {
         return Err("cannot mount a volume over the root directory".into());
     }
-    const RESERVED: [&str; 4] = ["/proc", "/sys", "/dev", "/etc/hosts"];
+    const RESERVED: [&str; 5] = ["/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf"];
     if RESERVED
         .iter()
         .any(|r| path == *r || path.starts_with(&format!("{r}/")))
@@ -495,6 +681,45 @@ pids = 64
     fn syntax_error_is_located() {
         let p = problems("name = \"a\"\nimage = \n");
         assert!(p[0].starts_with("2:"), "{p:?}");
+    }
+
+    #[test]
+    fn https_and_ports() {
+        let m = Manifest::parse(
+            "name = \"dns\"\nimage = \"x\"\n[https]\nport = 8080\n[[port]]\nport = 53\nprotocol = \"udp\"\naccess = \"public\"\n[[port]]\nport = 53\naccess = \"public\"\n[[port]]\nport = 9100\n",
+        )
+        .unwrap();
+        assert_eq!(m.https, Some(Https { port: 8080 }));
+        assert_eq!(m.ports.len(), 3);
+        assert_eq!(m.ports[2].access, Access::Internal, "internal by default");
+        assert_eq!(m.ports[2].protocol, Protocol::Tcp, "tcp by default");
+        assert_eq!(
+            m.public_ports().collect::<Vec<_>>(),
+            vec![(Protocol::Udp, 53), (Protocol::Tcp, 53)]
+        );
+    }
+
+    #[test]
+    fn port_problems_are_located_and_explained() {
+        let p = problems(
+            "name = \"a\"\nimage = \"x\"\n[https]\nport = 0\n[[port]]\nport = 70000\n[[port]]\nport = 53\nprotocol = \"sctp\"\naccess = \"world\"\n[[port]]\nport = 443\naccess = \"public\"\n[[port]]\nport = 5353\nprotocol = \"udp\"\naccess = \"public\"\n[[port]]\nport = 7\n[[port]]\nport = 7\n",
+        );
+        let joined = p.join("\n");
+        for needle in [
+            "4:8: https.port: 0 is not a port",
+            "6:8: port[0].port: 70000 is not a port",
+            "9:12: port[1].protocol: \"sctp\" is not supported",
+            "10:10: port[1].access: \"world\" is not an access",
+            "12:8: port[2].port: 443/tcp cannot be public: it belongs to the device's HTTPS proxy",
+            "15:8: port[3].port: 5353/udp cannot be public",
+            "21:8: port[5].port: 7/tcp is declared twice",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
+        }
+        let p = problems("name = \"a\"\nimage = \"x\"\n[https]\nport = 80\n[[port]]\nport = 80\n");
+        assert!(p[0].contains("80/tcp is already the [https] port"), "{p:?}");
+        // An internal port may use a number the device keeps for LAN clients.
+        Manifest::parse("name = \"a\"\nimage = \"x\"\n[[port]]\nport = 443\n").unwrap();
     }
 
     #[test]

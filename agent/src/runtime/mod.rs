@@ -47,6 +47,8 @@ pub struct AppPlan {
     /// Unpacked layers, bottom first.
     pub layers: Vec<PathBuf>,
     pub image: spec::ImageProcess,
+    /// The app's host number in the device's internal IPv4 net.
+    pub ipv4_host: u32,
 }
 
 pub struct Runtime {
@@ -100,6 +102,7 @@ impl Runtime {
             manifest: plan.manifest.clone(),
             layers: plan.layers.clone(),
             image: plan.image.clone(),
+            ipv4_host: plan.ipv4_host,
         };
         let network = self.network.clone();
         tokio::task::spawn_blocking(move || prepare_blocking(&paths, &network, &plan, cgroups_path))
@@ -361,13 +364,16 @@ fn prepare_blocking(
         os::create_netns(&netns).map_err(io("create network namespace".into()))?;
     }
     network
-        .wire_app(name, &netns)
+        .wire_app(name, plan.ipv4_host, &netns)
         .map_err(io("wire the app's network".into()))?;
     let address = network.app_address(name);
+    let address4 = network.app_ipv4(plan.ipv4_host);
     let hosts = format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{address}\t{name}\n"
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{address}\t{name}\n{address4}\t{name}\n"
     );
     std::fs::write(paths.hosts(name), hosts).map_err(io("write hosts file".into()))?;
+    std::fs::write(paths.resolv_conf(name), network.resolv_conf())
+        .map_err(io("write resolv.conf".into()))?;
 
     let input =
         spec_input(paths, plan, cgroups_path, &rootfs).map_err(|message| RuntimeError::Image {
@@ -456,7 +462,10 @@ fn spec_input(
             .iter()
             .map(|v| (paths.volume(name, &v.name), v.path.clone()))
             .collect(),
-        files: vec![(paths.hosts(name), "/etc/hosts".into())],
+        files: vec![
+            (paths.hosts(name), "/etc/hosts".into()),
+            (paths.resolv_conf(name), "/etc/resolv.conf".into()),
+        ],
         netns: Some(paths.netns(name)),
         cgroups_path,
         resources: plan.manifest.resources,

@@ -250,6 +250,7 @@ pub fn mount_points(
         .collect();
     v.extend(manifest.volumes.iter().map(|vol| (vol.path.clone(), false)));
     v.push(("/etc/hosts".into(), true));
+    v.push(("/etc/resolv.conf".into(), true));
     if let Some(w) = image.working_dir.as_deref().filter(|w| w.starts_with('/')) {
         v.push((w.to_string(), false));
     }

@@ -77,6 +77,15 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // 3: each app's host number in the device's internal IPv4 net. Not tied to `apps` by a
+    // foreign key: the address is taken before the app is recorded (its network is wired
+    // first); allocations no app owns are released at start.
+    r#"
+    CREATE TABLE app_ipv4 (
+        app TEXT PRIMARY KEY,
+        host INTEGER NOT NULL UNIQUE
+    );
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> Result<(), StoreError> {

@@ -34,6 +34,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("the state database holds an invalid value in {what}: {value:?}")]
     Corrupt { what: &'static str, value: String },
+    #[error("no IPv4 address is left for another app ({0} are in use)")]
+    AddressesExhausted(usize),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -483,8 +485,67 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM events WHERE app = ?1", [name.as_str()])?;
         tx.execute("DELETE FROM apps WHERE name = ?1", [name.as_str()])?;
+        tx.execute("DELETE FROM app_ipv4 WHERE app = ?1", [name.as_str()])?;
         tx.commit()?;
         Ok(())
+    }
+
+    // ---- IPv4 host numbers ----
+
+    /// The app's host number, allocated (the lowest free one in `hosts`) if it has none yet.
+    pub fn allocate_ipv4(
+        &self,
+        name: &AppName,
+        hosts: std::ops::RangeInclusive<u32>,
+    ) -> Result<u32> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let taken: Vec<u32> = {
+            let mut stmt = tx.prepare("SELECT host FROM app_ipv4 WHERE app = ?1")?;
+            let own: Option<u32> = stmt.query_row([name.as_str()], |r| r.get(0)).optional()?;
+            if let Some(host) = own {
+                return Ok(host);
+            }
+            let mut stmt = tx.prepare("SELECT host FROM app_ipv4 ORDER BY host")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut candidate = *hosts.start();
+        for t in &taken {
+            if *t == candidate {
+                candidate += 1;
+            } else if *t > candidate {
+                break;
+            }
+        }
+        if !hosts.contains(&candidate) {
+            return Err(StoreError::AddressesExhausted(taken.len()));
+        }
+        tx.execute(
+            "INSERT INTO app_ipv4 (app, host) VALUES (?1, ?2)",
+            params![name.as_str(), candidate],
+        )?;
+        tx.commit()?;
+        Ok(candidate)
+    }
+
+    pub fn ipv4_host(&self, name: &AppName) -> Result<Option<u32>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT host FROM app_ipv4 WHERE app = ?1",
+                [name.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Releases host numbers no recorded app owns (taken by an install that did not finish).
+    pub fn release_unowned_ipv4(&self) -> Result<usize> {
+        Ok(self.conn().execute(
+            "DELETE FROM app_ipv4 WHERE app NOT IN (SELECT name FROM apps)",
+            [],
+        )?)
     }
 
     // ---- settings ----
@@ -682,6 +743,34 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         assert!(s.layer(&d(1)).unwrap().unwrap().ready);
+    }
+
+    #[test]
+    fn ipv4_hosts_are_stable_lowest_free_and_released_with_the_app() {
+        let (_d, s) = store();
+        let n = |x: &str| AppName::try_from(x).unwrap();
+        assert_eq!(s.allocate_ipv4(&n("a"), 2..=4).unwrap(), 2);
+        assert_eq!(s.allocate_ipv4(&n("b"), 2..=4).unwrap(), 3);
+        assert_eq!(s.allocate_ipv4(&n("a"), 2..=4).unwrap(), 2, "stable");
+        assert_eq!(s.allocate_ipv4(&n("c"), 2..=4).unwrap(), 4);
+        assert!(matches!(
+            s.allocate_ipv4(&n("d"), 2..=4),
+            Err(StoreError::AddressesExhausted(3))
+        ));
+        // No app was recorded for any of them: released at start, then free again.
+        assert_eq!(s.release_unowned_ipv4().unwrap(), 3);
+        let l = s.begin_layer(&d(1), None, "tar", 1).unwrap();
+        let img = s
+            .insert_image(&d(2), &d(3), b"{}", &[l], "r:1", &d(2))
+            .unwrap();
+        assert_eq!(s.allocate_ipv4(&n("b"), 2..=4).unwrap(), 2);
+        assert_eq!(s.allocate_ipv4(&n("wiki"), 2..=4).unwrap(), 3);
+        s.insert_app(&app("wiki", img), "root", "installed")
+            .unwrap();
+        assert_eq!(s.release_unowned_ipv4().unwrap(), 1, "only b's");
+        assert_eq!(s.ipv4_host(&n("wiki")).unwrap(), Some(3));
+        s.delete_app(&n("wiki")).unwrap();
+        assert_eq!(s.ipv4_host(&n("wiki")).unwrap(), None);
     }
 
     #[test]

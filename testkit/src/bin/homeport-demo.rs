@@ -57,13 +57,15 @@ fn main() -> Result<()> {
         },
     )?;
     let manifest = format!(
-        "name = \"hello\"\nimage = \"{}/samples/hello:1\"\n\n[[volume]]\nname = \"data\"\npath = \"/data\"\n",
+        "name = \"hello\"\nimage = \"{}/samples/hello:1\"\n\n[https]\nport = 8080\n\n[[volume]]\nname = \"data\"\npath = \"/data\"\n",
         registry.host()
     );
     let manifest_file = data_dir.join("hello.toml");
     std::fs::write(&manifest_file, &manifest)?;
     let socket = agent.socket();
     let cli = |args: &[&str]| -> Result<std::process::Output> { agent.cli(&homeport, args) };
+    // A demo that was killed hard leaves its app behind in the state it kept: start afresh.
+    let _ = cli(&["rm", "hello", "--purge-data"]);
     let out = cli(&["install", manifest_file.to_str().unwrap_or_default()])?;
     print!(
         "{}{}",
