@@ -125,12 +125,6 @@ pub struct Kernel {
     nft: super::nft::Nft,
 }
 
-impl Default for super::nft::Nft {
-    fn default() -> Self {
-        super::nft::Nft::new()
-    }
-}
-
 impl Wiring for Kernel {
     fn link_exists(&self, name: &str) -> bool {
         // In the calling thread's namespace (sysfs would show the one it was mounted in).
@@ -174,8 +168,16 @@ impl Wiring for Kernel {
             // accepting them, so the uplink keeps its SLAAC address and default route.
             for e in std::fs::read_dir(v6)?.flatten() {
                 let ra = e.path().join("accept_ra");
-                if e.file_name() != "all" && std::fs::read_to_string(&ra)?.trim() == "1" {
-                    sysctl(&ra, "2")?;
+                // An interface may go away meanwhile (another app's link being deleted).
+                let Ok(value) = std::fs::read_to_string(&ra) else {
+                    continue;
+                };
+                if e.file_name() != "all" && value.trim() == "1" {
+                    if let Err(err) = sysctl(&ra, "2") {
+                        if ra.exists() {
+                            return Err(err);
+                        }
+                    }
                 }
             }
             sysctl(&v6.join("all/forwarding"), "1")?;

@@ -87,6 +87,12 @@ fn open() -> io::Result<Lib> {
     Ok(lib)
 }
 
+impl Default for Nft {
+    fn default() -> Self {
+        Nft::new()
+    }
+}
+
 impl Nft {
     pub const fn new() -> Nft {
         Nft {
