@@ -53,6 +53,9 @@ pub enum AgentError {
 
 pub type Result<T> = std::result::Result<T, AgentError>;
 
+/// The device's name until the owner picks one: `<app>-homeport.local`.
+pub const DEFAULT_DEVICE_NAME: &str = "homeport";
+
 /// Who asked for a change; recorded in the history.
 #[derive(Debug, Clone)]
 pub struct Actor(pub String);
@@ -99,6 +102,8 @@ pub struct Config {
     pub stop_grace: Duration,
     /// Where the device's DNS resolvers are read from for the apps' resolv.conf.
     pub resolv_conf: std::path::PathBuf,
+    /// Where the reverse proxy listens.
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 pub struct Agent {
@@ -110,6 +115,7 @@ struct Inner {
     images: Images,
     runtime: Runtime,
     network: Arc<crate::net::Network>,
+    proxy: Arc<crate::proxy::Proxy>,
     paths: Paths,
     log_cap: u64,
     stop_grace: Duration,
@@ -185,11 +191,25 @@ impl Agent {
             .context("bring up the app network")?
             .with_context(|| format!("bring up the app network on {}", network.bridge()))?;
         tracing::info!(prefix = %network.apps_net(), ipv4 = %network.apps_net4(), bridge = network.bridge(), "app network up");
-        let runtime = Runtime::new(paths.clone(), network.clone(), config.cgroup_parent, &exe)?;
+        // The device CA and the proxy: apps' trust bundles and routes depend on them.
+        let device_id = &ula.global_id_hex()[..10];
+        let ca = crate::proxy::DeviceCa::load_or_create(&paths.ca(), device_id)?;
+        let device = store.setting_or_insert("device_name", DEFAULT_DEVICE_NAME)?;
+        let proxy = crate::proxy::Proxy::start(&config.proxy, &device, ca)
+            .await
+            .context("start the reverse proxy")?;
+        let runtime = Runtime::new(
+            paths.clone(),
+            network.clone(),
+            config.cgroup_parent,
+            &exe,
+            proxy.ca_pem().to_string(),
+        )?;
         let inner = Arc::new(Inner {
             store,
             images,
             network,
+            proxy,
             runtime,
             paths,
             log_cap: config.log_cap,
@@ -200,6 +220,7 @@ impl Agent {
         });
         inner.images.recover()?;
         inner.recover().await?;
+        inner.refresh_routes()?;
         let released = inner.store.release_unowned_ipv4()?;
         if released > 0 {
             tracing::info!(released, "released IPv4 addresses of unfinished installs");
@@ -295,6 +316,9 @@ impl Agent {
                 bridge: i.network.bridge().to_string(),
                 apps_net4: i.network.apps_net4().to_string(),
                 firewall_table: i.network.table().to_string(),
+                device_name: i.proxy.device().to_string(),
+                proxy_http: i.proxy.bound().0.map(|a| a.to_string()),
+                proxy_https: i.proxy.bound().1.map(|a| a.to_string()),
             }),
         })
     }
@@ -381,6 +405,7 @@ impl Agent {
             return Err(e.into());
         }
         drop(rules);
+        i.refresh_routes()?;
         tracing::info!(app = %name, %detail, "updated");
         crate::crashpoint("update:recorded");
         if row.desired == Desired::Running {
@@ -424,6 +449,11 @@ impl Agent {
     pub fn log_file(&self, name: &AppName) -> Result<std::path::PathBuf> {
         self.inner.installed(name)?;
         Ok(self.inner.paths.log(name))
+    }
+
+    /// The device CA's certificate (PEM), for owners to install.
+    pub fn ca_pem(&self) -> String {
+        self.inner.proxy.ca_pem().to_string()
     }
 
     /// Stops supervising (apps keep running; a new agent re-adopts them).
@@ -508,6 +538,10 @@ impl Inner {
                 Ok(Some(h)) => self.network.app_ipv4(h).to_string(),
                 _ => String::new(),
             },
+            url: Manifest::parse(&row.manifest)
+                .ok()
+                .and_then(|m| m.https)
+                .map(|_| self.proxy.url(&row.name)),
             desired: row.desired,
             run: status.run,
             restarts: status.restarts,
@@ -538,6 +572,26 @@ impl Inner {
                 .store
                 .allocate_ipv4(&row.name, crate::net::AppsNet4::hosts())?,
         })
+    }
+
+    /// Points the proxy at the installed apps that serve HTTP.
+    fn refresh_routes(&self) -> Result<()> {
+        let mut routes = Vec::new();
+        for row in self.store.apps()? {
+            if row.phase != Phase::Installed {
+                continue;
+            }
+            if let Some(h) = Manifest::parse(&row.manifest)?.https {
+                let ip = self.network.app_address(&row.name);
+                routes.push(crate::proxy::Route {
+                    upstream: std::net::SocketAddr::from((ip, h.port)),
+                    app: row.name,
+                    body_limit: h.body_limit,
+                });
+            }
+        }
+        self.proxy.set_routes(routes);
+        Ok(())
     }
 
     /// Applies the firewall's sets for the installed apps, with `changed` (an app being
@@ -601,6 +655,7 @@ impl Inner {
             return Err(e);
         }
         drop(rules);
+        self.refresh_routes()?;
         tracing::info!(app = %name, pinned = %pinned, "installed");
         crate::crashpoint("install:recorded");
         let handle = self.spawn_supervisor(name.clone(), None);
@@ -653,6 +708,7 @@ impl Inner {
             }
         }
         self.store.delete_app(name)?;
+        self.refresh_routes()?;
         tracing::info!(app = %name, purge_data, "removed");
         Ok(())
     }

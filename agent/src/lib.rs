@@ -8,6 +8,7 @@ pub mod images;
 pub mod manifest;
 pub mod net;
 pub mod paths;
+pub mod proxy;
 pub mod runtime;
 pub mod store;
 

@@ -39,8 +39,27 @@ struct Args {
     /// The device's resolv.conf; apps get its nameservers (loopback ones left out).
     #[arg(long, default_value = "/etc/resolv.conf", env = "HOMEPORT_RESOLV_CONF")]
     resolv_conf: PathBuf,
+    /// Where the reverse proxy takes plain HTTP (redirected to HTTPS); `off` for nowhere.
+    #[arg(long, default_value = "[::]:80", value_parser = listen_addr)]
+    proxy_http: Listen,
+    /// Where the reverse proxy takes HTTPS; `off` for nowhere.
+    #[arg(long, default_value = "[::]:443", value_parser = listen_addr)]
+    proxy_https: Listen,
     #[command(subcommand)]
     cmd: Option<Cmd>,
+}
+
+/// A listening address, or none (`off`).
+#[derive(Debug, Clone, Copy)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn listen_addr(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("{s:?} is not an address like [::]:443 or 127.0.0.1:8443, nor off"))
 }
 
 #[derive(Subcommand)]
@@ -132,6 +151,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         log_cap: args.log_cap,
         stop_grace: Duration::from_secs(args.stop_grace),
         resolv_conf: args.resolv_conf.clone(),
+        proxy: homeport::proxy::ProxyConfig {
+            http: args.proxy_http.0,
+            https: args.proxy_https.0,
+        },
     };
     let agent = Arc::new(Agent::start(config).await?);
     let listener = bind(&socket)?;

@@ -64,6 +64,15 @@ impl Paths {
     pub fn hosts(&self, name: &AppName) -> PathBuf {
         self.app(name).join("etc").join("hosts")
     }
+    /// The trust bundle mounted over the app's `/etc/ssl/certs/ca-certificates.crt`: the
+    /// image's own bundle plus the device CA.
+    pub fn trust_bundle(&self, name: &AppName) -> PathBuf {
+        self.app(name).join("etc").join("ca-certificates.crt")
+    }
+    /// The device CA (`ca.key`, `ca.crt`).
+    pub fn ca(&self) -> PathBuf {
+        self.data().join("ca")
+    }
     pub fn resolv_conf(&self, name: &AppName) -> PathBuf {
         self.app(name).join("etc").join("resolv.conf")
     }

@@ -25,6 +25,10 @@ pub struct AgentOpts {
     /// [`NetWorld::netns_path`]: crate::NetWorld::netns_path
     /// [`NetWorld::dev`]: crate::NetWorld::dev
     pub netns: Option<PathBuf>,
+    /// Where the agent's reverse proxy listens (`--proxy-http`, `--proxy-https`); a free port
+    /// on every address by default, so agents side by side do not clash.
+    pub proxy_http: String,
+    pub proxy_https: String,
 }
 
 impl Default for AgentOpts {
@@ -36,6 +40,8 @@ impl Default for AgentOpts {
             log_cap: None,
             env: Vec::new(),
             netns: None,
+            proxy_http: "[::]:0".into(),
+            proxy_https: "[::]:0".into(),
         }
     }
 }
@@ -143,6 +149,8 @@ impl AgentProcess {
             .arg(&self.cgroup_parent);
         c.arg("--stop-grace")
             .arg(self.opts.stop_grace_secs.to_string());
+        c.arg("--proxy-http").arg(&self.opts.proxy_http);
+        c.arg("--proxy-https").arg(&self.opts.proxy_https);
         for r in &self.opts.insecure_registries {
             c.arg("--insecure-registry").arg(r);
         }

@@ -20,7 +20,7 @@ const HOST_BUSYBOX: &str = "/bin/busybox";
 pub const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "httpd", "wget", "sleep", "cat", "echo", "ls", "id", "env", "touch", "mkdir", "rm", "ps",
     "kill", "true", "false", "date", "seq", "head", "tail", "grep", "mount", "hostname",
-    "nslookup", "timeout", "wc",
+    "nslookup", "timeout", "wc", "nc", "tr", "chmod",
 ];
 
 /// Default command of the busybox images: a web server on port 8080 serving `/www`.

@@ -111,6 +111,13 @@ impl Client {
         Ok(resp)
     }
 
+    /// A body as text (for routes that do not answer JSON).
+    pub async fn text(&self, path: &str) -> Result<String> {
+        let resp = self.request(Method::GET, path, None).await?;
+        let body = resp.into_body().collect().await?.to_bytes();
+        String::from_utf8(body.to_vec()).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         decode(self.request(Method::GET, path, None).await?).await
     }

@@ -45,6 +45,7 @@ pub enum Op {
     Exec,
     Debug,
     ListImages,
+    Ca,
     PruneImages,
 }
 
@@ -77,6 +78,7 @@ pub const ROUTES: &[Route] = routes! {
     POST "/v1/apps/{name}/debug" => Debug,
     GET "/v1/images" => ListImages,
     POST "/v1/images/prune" => PruneImages,
+    GET "/v1/ca.crt" => Ca,
 };
 
 /// Matches a request path against the table; returns the op and the `{name}` segment.
@@ -198,6 +200,16 @@ async fn dispatch(
         ));
     };
     let cmd = match op {
+        Op::Ca => {
+            return Ok(Response::builder()
+                .header("content-type", "application/x-pem-file")
+                .body(
+                    Full::new(Bytes::from(agent.ca_pem()))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .unwrap_or_else(|_| Response::new(empty())))
+        }
         Op::Info => Command::Info,
         Op::ListApps => Command::List,
         Op::Inspect => Command::Inspect(app_name(name)?),

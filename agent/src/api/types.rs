@@ -58,6 +58,8 @@ pub struct AppSummary {
     pub address: String,
     /// The app's address in the device's internal IPv4 net (NATed; kept while installed).
     pub ipv4: String,
+    /// Where the device's proxy serves the app (apps with `[https]`).
+    pub url: Option<String>,
     pub desired: Desired,
     pub run: RunState,
     /// Restarts after crashes since the agent started.
@@ -137,6 +139,11 @@ pub struct AgentInfo {
     pub apps_net4: String,
     /// The nftables table (family `inet`) holding the device's firewall.
     pub firewall_table: String,
+    /// The device's name, in every app's hostname (`<app>-<device>.local`).
+    pub device_name: String,
+    /// Where the reverse proxy listens (plain HTTP, which redirects, and HTTPS).
+    pub proxy_http: Option<String>,
+    pub proxy_https: Option<String>,
 }
 
 /// Sent in the `Homeport-Exec` header (hex of this JSON) of an exec/debug upgrade.

@@ -89,6 +89,8 @@ enum Cmd {
     },
     /// Check a manifest file without installing it.
     Validate { file: PathBuf },
+    /// Print the device CA's certificate (PEM), for phones and laptops to trust.
+    Ca,
 }
 
 #[derive(Subcommand)]
@@ -279,6 +281,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 r.layers,
                 size(r.bytes)
             );
+            Ok(0)
+        }
+        Cmd::Ca => {
+            print!("{}", c.text("/v1/ca.crt").await?);
             Ok(0)
         }
         Cmd::Images { cmd: None } => {

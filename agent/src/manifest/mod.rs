@@ -37,6 +37,8 @@ pub struct Manifest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Https {
     pub port: u16,
+    /// The largest request body the proxy passes to the app; `None`: no limit.
+    pub body_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -173,6 +175,7 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawHttps {
     port: Spanned<i64>,
+    body_limit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -348,7 +351,24 @@ impl Manifest {
 
         let https = raw.https.as_ref().and_then(|h| {
             let h = h.get_ref();
-            port_number(&mut p, &h.port, "https.port").map(|port| Https { port })
+            let body_limit = h
+                .body_limit
+                .as_ref()
+                .and_then(|l| match parse_size(l.get_ref()) {
+                    Some(b) if b > 0 => Some(b),
+                    _ => {
+                        p.push(
+                            l.span(),
+                            "https.body_limit",
+                            format!(
+                                "{:?} is not a size: use a number with K, M or G (e.g. \"100M\")",
+                                l.get_ref()
+                            ),
+                        );
+                        None
+                    }
+                });
+            port_number(&mut p, &h.port, "https.port").map(|port| Https { port, body_limit })
         });
         let ports = parse_ports(&mut p, &raw.port, https);
 
@@ -548,7 +568,14 @@ fn check_container_path(path: &str) -> Result<(), String> {
     if path == "/" {
         return Err("cannot mount a volume over the root directory".into());
     }
-    const RESERVED: [&str; 5] = ["/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf"];
+    const RESERVED: [&str; 6] = [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/etc/hosts",
+        "/etc/resolv.conf",
+        crate::runtime::spec::TRUST_BUNDLE,
+    ];
     if RESERVED
         .iter()
         .any(|r| path == *r || path.starts_with(&format!("{r}/")))
@@ -689,13 +716,34 @@ pids = 64
             "name = \"dns\"\nimage = \"x\"\n[https]\nport = 8080\n[[port]]\nport = 53\nprotocol = \"udp\"\naccess = \"public\"\n[[port]]\nport = 53\naccess = \"public\"\n[[port]]\nport = 9100\n",
         )
         .unwrap();
-        assert_eq!(m.https, Some(Https { port: 8080 }));
+        assert_eq!(
+            m.https,
+            Some(Https {
+                port: 8080,
+                body_limit: None
+            })
+        );
         assert_eq!(m.ports.len(), 3);
         assert_eq!(m.ports[2].access, Access::Internal, "internal by default");
         assert_eq!(m.ports[2].protocol, Protocol::Tcp, "tcp by default");
         assert_eq!(
             m.public_ports().collect::<Vec<_>>(),
             vec![(Protocol::Udp, 53), (Protocol::Tcp, 53)]
+        );
+    }
+
+    #[test]
+    fn body_limits() {
+        let m = Manifest::parse(
+            "name = \"a\"\nimage = \"x\"\n[https]\nport = 80\nbody_limit = \"100M\"\n",
+        )
+        .unwrap();
+        assert_eq!(m.https.unwrap().body_limit, Some(100 << 20));
+        let p =
+            problems("name = \"a\"\nimage = \"x\"\n[https]\nport = 80\nbody_limit = \"lots\"\n");
+        assert!(
+            p[0].starts_with("5:14: https.body_limit: \"lots\" is not a size"),
+            "{p:?}"
         );
     }
 

@@ -58,6 +58,8 @@ pub struct Runtime {
     cgroup_parent: String,
     /// A static shell bind-mounted by `debug` into images that have none.
     toolbox: Option<PathBuf>,
+    /// The device CA's certificate, added to every app's trust bundle.
+    ca_pem: Arc<str>,
 }
 
 /// How long an app gets between SIGTERM and SIGKILL, unless configured.
@@ -69,6 +71,7 @@ impl Runtime {
         network: Arc<Network>,
         cgroup_parent: String,
         exe: &Path,
+        ca_pem: String,
     ) -> std::result::Result<Runtime, ZygoteError> {
         let zygote = Zygote::spawn(exe, &paths.runtime())?;
         let toolbox = ["/usr/lib/homeport/busybox", "/bin/busybox"]
@@ -81,6 +84,7 @@ impl Runtime {
             network,
             cgroup_parent,
             toolbox,
+            ca_pem: ca_pem.into(),
         })
     }
 
@@ -105,9 +109,12 @@ impl Runtime {
             ipv4_host: plan.ipv4_host,
         };
         let network = self.network.clone();
-        tokio::task::spawn_blocking(move || prepare_blocking(&paths, &network, &plan, cgroups_path))
-            .await
-            .unwrap_or_else(|e| panic!("prepare panicked: {e}"))
+        let ca_pem = self.ca_pem.clone();
+        tokio::task::spawn_blocking(move || {
+            prepare_blocking(&paths, &network, &ca_pem, &plan, cgroups_path)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("prepare panicked: {e}"))
     }
 
     /// Creates and starts the app's container; returns the pid of its first process.
@@ -312,6 +319,7 @@ fn protocol(name: &AppName, reply: &Reply) -> RuntimeError {
 fn prepare_blocking(
     paths: &Paths,
     network: &Network,
+    ca_pem: &str,
     plan: &AppPlan,
     cgroups_path: String,
 ) -> Result<()> {
@@ -374,6 +382,14 @@ fn prepare_blocking(
     std::fs::write(paths.hosts(name), hosts).map_err(io("write hosts file".into()))?;
     std::fs::write(paths.resolv_conf(name), network.resolv_conf())
         .map_err(io("write resolv.conf".into()))?;
+    // The app trusts what its image trusts, and the device (its proxy, the other apps).
+    let mut bundle =
+        std::fs::read_to_string(rootfs.join(&spec::TRUST_BUNDLE[1..])).unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(ca_pem);
+    std::fs::write(paths.trust_bundle(name), bundle).map_err(io("write trust bundle".into()))?;
 
     let input =
         spec_input(paths, plan, cgroups_path, &rootfs).map_err(|message| RuntimeError::Image {
@@ -465,6 +481,7 @@ fn spec_input(
         files: vec![
             (paths.hosts(name), "/etc/hosts".into()),
             (paths.resolv_conf(name), "/etc/resolv.conf".into()),
+            (paths.trust_bundle(name), spec::TRUST_BUNDLE.into()),
         ],
         netns: Some(paths.netns(name)),
         cgroups_path,

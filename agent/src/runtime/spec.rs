@@ -238,6 +238,10 @@ pub fn build(input: &SpecInput) -> Value {
     })
 }
 
+/// Where apps find CA certificates (Debian, Ubuntu, Alpine and OpenSSL's default build); the
+/// agent mounts the image's bundle plus the device CA there.
+pub const TRUST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// Paths the spec mounts something on (or runs in), which must exist in the rootfs: the
 /// fixed mounts, volumes, bind-mounted files (`true`: a file) and the working directory.
 pub fn mount_points(
@@ -251,6 +255,7 @@ pub fn mount_points(
     v.extend(manifest.volumes.iter().map(|vol| (vol.path.clone(), false)));
     v.push(("/etc/hosts".into(), true));
     v.push(("/etc/resolv.conf".into(), true));
+    v.push((TRUST_BUNDLE.into(), true));
     if let Some(w) = image.working_dir.as_deref().filter(|w| w.starts_with('/')) {
         v.push((w.to_string(), false));
     }

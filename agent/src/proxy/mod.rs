@@ -1,0 +1,684 @@
+//! The one reverse proxy in front of every app: HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with
+//! certificates from the device CA, routing by `Host` to the app the name belongs to, over
+//! pooled keep-alive HTTP/1.1 to the app's own IPv6 address. Plain HTTP redirects to HTTPS.
+//!
+//! Invariants: an unknown host gets a plain 404, never some app; a route change swaps one
+//! `Arc` (connections in flight keep the table they started with); only names the device
+//! serves get certificates (a client cannot make the proxy issue for names of its choosing).
+
+pub mod ca;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::manifest::AppName;
+pub use ca::{CaError, DeviceCa};
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Request bodies on their way to an app: streamed, with the app's size limit applied.
+type UpstreamBody = BoxBody<Bytes, BoxError>;
+
+/// Where the proxy listens; `None` turns a listener off.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+}
+
+/// Limits that keep one client from starving the others.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+const MAX_H2_STREAMS: u32 = 128;
+
+/// One app the proxy serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub app: AppName,
+    pub upstream: SocketAddr,
+    /// The largest request body passed on (`[https] body_limit`); `None`: no limit.
+    pub body_limit: Option<u64>,
+}
+
+/// The names an app is served under on the LAN, for a device named `device`: a single-label
+/// mDNS name (multi-label `.local` names do not resolve on Windows, Android or Debian's
+/// default resolver) and a name under `home.arpa` for LANs with their own DNS.
+pub fn hostnames(app: &AppName, device: &str) -> [String; 2] {
+    [
+        format!("{app}-{device}.local"),
+        format!("{app}.{device}.home.arpa"),
+    ]
+}
+
+/// `Host` (or `:authority`) as a route key: lower case, without port and trailing dot.
+pub fn route_key(host: &str) -> Option<String> {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal: never a route, but well-formed.
+        return rest.split_once(']').map(|(a, _)| a.to_ascii_lowercase());
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    ok.then(|| name.to_ascii_lowercase())
+}
+
+/// Certificates for the names the device serves, issued by the device CA on first use and
+/// again when a third of their lifetime is left.
+struct Certs {
+    ca: DeviceCa,
+    device_names: Vec<String>,
+    routes: Arc<RwLock<Arc<HashMap<String, Route>>>>,
+    issued: Mutex<HashMap<String, (Arc<CertifiedKey>, SystemTime)>>,
+}
+
+impl std::fmt::Debug for Certs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certs").finish_non_exhaustive()
+    }
+}
+
+impl Certs {
+    fn for_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((key, at)) = issued.get(name) {
+            let age = SystemTime::now().duration_since(*at).unwrap_or_default();
+            if age < ca::LEAF_LIFETIME * 2 / 3 {
+                return Some(key.clone());
+            }
+        }
+        match self.ca.issue(&[name.to_string()]) {
+            Ok(key) => {
+                issued.insert(name.to_string(), (key.clone(), SystemTime::now()));
+                Some(key)
+            }
+            Err(e) => {
+                tracing::error!(name, error = %e, "cannot issue a certificate");
+                None
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let asked = hello.server_name().and_then(route_key);
+        let known =
+            asked.filter(|n| self.device_names.contains(n) || read(&self.routes).contains_key(n));
+        // Any other name gets the device's own certificate, and then the 404 page.
+        let name = known.or_else(|| self.device_names.first().cloned())?;
+        self.for_name(&name)
+    }
+}
+
+fn read<T>(l: &RwLock<Arc<T>>) -> Arc<T> {
+    l.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+pub struct Proxy {
+    device: String,
+    routes: Arc<RwLock<Arc<HashMap<String, Route>>>>,
+    certs: Arc<Certs>,
+    client: Client<HttpConnector, UpstreamBody>,
+    https_port: u16,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    bound_http: Option<SocketAddr>,
+    bound_https: Option<SocketAddr>,
+}
+
+impl Proxy {
+    /// Binds the listeners and serves on them until the process ends.
+    pub async fn start(
+        config: &ProxyConfig,
+        device: &str,
+        ca: DeviceCa,
+    ) -> std::io::Result<Arc<Proxy>> {
+        let routes = Arc::new(RwLock::new(Arc::new(HashMap::new())));
+        let certs = Arc::new(Certs {
+            ca,
+            device_names: vec![format!("{device}.local"), format!("{device}.home.arpa")],
+            routes: routes.clone(),
+            issued: Mutex::new(HashMap::new()),
+        });
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let http = match config.http {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
+        let https = match config.https {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
+        let bound_https = https.as_ref().map(|l| l.local_addr()).transpose()?;
+        let proxy = Arc::new(Proxy {
+            device: device.to_string(),
+            routes,
+            certs,
+            client,
+            https_port: bound_https.map_or(443, |a| a.port()),
+            per_client: Mutex::new(HashMap::new()),
+            bound_http: http.as_ref().map(|l| l.local_addr()).transpose()?,
+            bound_https,
+        });
+        if let Some(l) = https {
+            let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(std::io::Error::other)?
+            .with_no_client_auth()
+            .with_cert_resolver(proxy.certs.clone());
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+            tokio::spawn(proxy.clone().accept_loop(l, Some(acceptor)));
+        }
+        if let Some(l) = http {
+            tokio::spawn(proxy.clone().accept_loop(l, None));
+        }
+        tracing::info!(http = ?proxy.bound_http, https = ?proxy.bound_https, device, "proxy listening");
+        Ok(proxy)
+    }
+
+    pub fn bound(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (self.bound_http, self.bound_https)
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// The device CA's certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        self.certs.ca.cert_pem()
+    }
+
+    /// Replaces the routing table; connections in flight are not disturbed.
+    pub fn set_routes(&self, routes: impl IntoIterator<Item = Route>) {
+        let mut table = HashMap::new();
+        for r in routes {
+            for name in hostnames(&r.app, &self.device) {
+                table.insert(name, r.clone());
+            }
+        }
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+
+    /// The app's URL on the LAN.
+    pub fn url(&self, app: &AppName) -> String {
+        let [name, _] = hostnames(app, &self.device);
+        match self.https_port {
+            443 => format!("https://{name}/"),
+            p => format!("https://{name}:{p}/"),
+        }
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.clone().admit(peer.ip()) else {
+                continue; // dropping the stream closes it
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                this.serve(stream, peer, tls).await;
+            });
+        }
+    }
+
+    /// A connection slot for `ip`, or `None` when it has too many open already.
+    fn admit(self: Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        drop(map);
+        Some(Slot { proxy: self, ip })
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_HEADER_BYTES);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_H2_STREAMS)
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .keep_alive_interval(Duration::from_secs(30));
+        let https = tls.is_some();
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, peer, https).await) }
+        });
+        let result =
+            match tls {
+                Some(acceptor) => {
+                    let tls_stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            _ => return,
+                        };
+                    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let io = TokioIo::new(tls_stream);
+                    if h2 {
+                        builder.serve_connection_with_upgrades(io, service).await
+                    } else {
+                        builder
+                            .http1_only()
+                            .serve_connection_with_upgrades(io, service)
+                            .await
+                    }
+                }
+                None => {
+                    builder
+                        .http1_only()
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await
+                }
+            };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "proxy connection ended");
+        }
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        https: bool,
+    ) -> Response<ProxyBody> {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        let Some(host) = host.as_deref().and_then(route_key) else {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "missing or malformed Host header\n",
+            );
+        };
+        if !https {
+            return self.redirect(&req, &host);
+        }
+        let Some(route) = read(&self.routes).get(&host).cloned() else {
+            return plain(StatusCode::NOT_FOUND, "no app is served under this name\n");
+        };
+        self.forward(req, route, &host, peer).await
+    }
+
+    /// Plain HTTP goes to HTTPS, except ACME's HTTP-01 challenges (not served yet: 404).
+    fn redirect(&self, req: &Request<Incoming>, host: &str) -> Response<ProxyBody> {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        if path.starts_with("/.well-known/acme-challenge/") {
+            return plain(StatusCode::NOT_FOUND, "no such challenge\n");
+        }
+        let authority = match self.https_port {
+            443 => host.to_string(),
+            p => format!("{host}:{p}"),
+        };
+        let mut resp = plain(StatusCode::PERMANENT_REDIRECT, "");
+        if let Ok(v) = HeaderValue::from_str(&format!("https://{authority}{path}")) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        route: Route,
+        host: &str,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let upgrade = wants_upgrade(req.headers()).then(|| {
+            (
+                req.headers().get(header::UPGRADE).cloned(),
+                hyper::upgrade::on(&mut req),
+            )
+        });
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let Ok(uri) = Uri::try_from(format!("http://{}{path}", route.upstream)) else {
+            return plain(StatusCode::BAD_REQUEST, "malformed request target\n");
+        };
+        let original_host = req
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| HeaderValue::from_str(host).ok());
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if let Some(h) = original_host {
+            headers.insert(header::HOST, h);
+        }
+        forwarded_headers(headers, peer.ip(), host);
+        if let Some((Some(proto), _)) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto.clone());
+        }
+        let req = match route.body_limit {
+            Some(limit) => {
+                let declared = req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > limit) {
+                    // Read what the client is sending anyway (up to a bound), so that it gets
+                    // to see the answer instead of a connection reset.
+                    drain(req.into_body()).await;
+                    return plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &format!(
+                            "the app {} takes bodies of at most {limit} bytes\n",
+                            route.app
+                        ),
+                    );
+                }
+                // A body without a length is cut off where it passes the limit.
+                req.map(|b| {
+                    http_body_util::Limited::new(b, usize::try_from(limit).unwrap_or(usize::MAX))
+                        .boxed()
+                })
+            }
+            None => req.map(|b| b.map_err(BoxError::from).boxed()),
+        };
+        let mut resp = match self.client.request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(app = %route.app, error = %e, "upstream request failed");
+                return plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the app {} is not answering\n", route.app),
+                );
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some((_, client_side)) = upgrade {
+                let app_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(c), Ok(a)) = (client_side.await, app_side.await) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(c),
+                            &mut TokioIo::new(a),
+                        )
+                        .await;
+                    }
+                });
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(parts, empty());
+            }
+        }
+        strip_hop_by_hop(resp.headers_mut());
+        resp.map(|b| b.boxed())
+    }
+}
+
+/// One open connection of a client; released on drop.
+struct Slot {
+    proxy: Arc<Proxy>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self
+            .proxy
+            .per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Reads and drops a request body: at most `DRAIN_BYTES`, for at most `DRAIN_TIME`.
+async fn drain(mut body: Incoming) {
+    const DRAIN_BYTES: usize = 16 << 20;
+    const DRAIN_TIME: Duration = Duration::from_secs(5);
+    let read = async {
+        let mut seen = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+}
+
+fn empty() -> ProxyBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(text.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes the headers that describe one connection, not the message (RFC 9110 7.6.1),
+/// including those the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    for n in ["keep-alive", "proxy-connection"] {
+        h.remove(n);
+    }
+}
+
+/// Tells the app who asked and how: `X-Forwarded-For` (appended to), `-Proto`, `-Host`, and
+/// the standard `Forwarded` (RFC 7239).
+pub fn forwarded_headers(h: &mut HeaderMap, client: IpAddr, host: &str) {
+    let client = match client {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {client}"),
+        None => client.to_string(),
+    };
+    let node = match client {
+        IpAddr::V6(a) => format!("\"[{a}]\""),
+        IpAddr::V4(a) => a.to_string(),
+    };
+    let fwd = format!("for={node};proto=https;host=\"{host}\"");
+    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {fwd}"),
+        None => fwd,
+    };
+    for (name, value) in [
+        ("x-forwarded-for", xff),
+        ("x-forwarded-proto", "https".to_string()),
+        ("x-forwarded-host", host.to_string()),
+        ("forwarded", fwd),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_keys_are_normalised_and_malformed_hosts_refused() {
+        for (input, key) in [
+            ("Wiki-Homeport.local", Some("wiki-homeport.local")),
+            ("wiki-homeport.local:8443", Some("wiki-homeport.local")),
+            ("wiki.homeport.home.arpa.", Some("wiki.homeport.home.arpa")),
+            ("[::1]:443", Some("::1")),
+            ("", None),
+            ("bad host", None),
+            ("a/b", None),
+            ("x:y:z", None),
+        ] {
+            assert_eq!(route_key(input).as_deref(), key, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_too() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_quote() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        forwarded_headers(
+            &mut h,
+            "2001:db8::7".parse().unwrap(),
+            "wiki-homeport.local",
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 2001:db8::7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "wiki-homeport.local");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[2001:db8::7]\";proto=https;host=\"wiki-homeport.local\""
+        );
+        let mut h = HeaderMap::new();
+        forwarded_headers(&mut h, "::ffff:192.0.2.1".parse().unwrap(), "x.local");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1", "v4-mapped shown as IPv4");
+    }
+
+    #[test]
+    fn apps_get_a_single_label_mdns_name_and_a_home_arpa_one() {
+        let app = AppName::try_from("wiki").unwrap();
+        assert_eq!(
+            hostnames(&app, "homeport"),
+            ["wiki-homeport.local", "wiki.homeport.home.arpa"]
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! The reverse proxy on the real network, with real clients (reqwest with rustls, over
+//! HTTP/2 and HTTP/1.1, and curl) trusting only the device CA fetched from the API.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap what they just built
+
+mod common;
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use common::*;
+use homeport::api::types::AgentInfo;
+
+fn client(ca_pem: &str, names: &[&str], https: SocketAddr) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?)
+        .redirect(reqwest::redirect::Policy::none());
+    for n in names {
+        b = b.resolve(n, https);
+    }
+    Ok(b.build()?)
+}
+
+fn local(addr: &str) -> Result<SocketAddr> {
+    let a: SocketAddr = addr.parse().context("proxy address")?;
+    Ok(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())))
+}
+
+#[tokio::test]
+async fn apps_are_served_over_https_by_name_with_the_device_ca() -> Result<()> {
+    let w = World::new()?;
+    push_hello(&w.registry, "hello", "2")?;
+    let c = w.client();
+    let info: AgentInfo = c.get("/v1/info").await?;
+    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
+    let http = local(info.proxy_http.as_deref().context("no http listener")?)?;
+    let ca = c.text("/v1/ca.crt").await?;
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
+
+    let http_port = "[https]\nport = 8080\n";
+    let one = c
+        .install(&w.manifest("one", "hello:1", http_port), |_| {})
+        .await?;
+    c.install(&w.manifest("two", "hello:2", http_port), |_| {})
+        .await?;
+    wait_running(&c, "one").await?;
+    wait_running(&c, "two").await?;
+    let device = &info.device_name;
+    let (one_host, two_host) = (format!("one-{device}.local"), format!("two-{device}.local"));
+    assert_eq!(
+        one.url.as_deref(),
+        Some(format!("https://{one_host}:{}/", https.port()).as_str())
+    );
+    let names = [one_host.as_str(), two_host.as_str(), "nope-homeport.local"];
+    let h2 = client(&ca, &names, https)?;
+    let url = |host: &str, path: &str| format!("https://{host}:{}{path}", https.port());
+
+    // By name, each app its own page; HTTP/2 by ALPN, HTTP/1.1 for clients that want it.
+    let r = h2.get(url(&one_host, "/")).send().await?;
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().await?.trim(), marker("1"));
+    let r = h2.get(url(&two_host, "/")).send().await?;
+    assert_eq!(r.text().await?.trim(), marker("2"));
+    let h1 = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+        .resolve(&one_host, https)
+        .http1_only()
+        .build()?;
+    let r = h1.get(url(&one_host, "/")).send().await?;
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.text().await?.trim(), marker("1"));
+    // The home.arpa name too.
+    let arpa = format!("one.{device}.home.arpa");
+    let r = client(&ca, &[&arpa], https)?
+        .get(url(&arpa, "/"))
+        .send()
+        .await?;
+    assert_eq!(r.text().await?.trim(), marker("1"));
+
+    // curl, a client of its own, trusting the device CA and nothing else.
+    let ca_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(ca_file.path(), &ca)?;
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--http2", "--cacert"])
+        .arg(ca_file.path())
+        .args([
+            "--resolve",
+            &format!("{one_host}:{}:[::1]", https.port()),
+            &url(&one_host, "/"),
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), marker("1"));
+
+    // An unknown name gets the device's own certificate and a 404, never an app.
+    let lax = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve("nope-homeport.local", https)
+        .resolve(&two_host, https)
+        .build()?;
+    let r = lax.get(url("nope-homeport.local", "/")).send().await?;
+    assert_eq!(r.status(), 404);
+    assert!(!r.text().await?.contains("hello from"));
+    // And a client that checks certificates does not accept it for that name.
+    assert!(h2
+        .get(url("nope-homeport.local", "/"))
+        .send()
+        .await
+        .is_err());
+
+    // Plain HTTP is redirected to the same place over HTTPS.
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(&one_host, http)
+        .build()?;
+    let r = plain
+        .get(format!("http://{one_host}:{}/a/b?c=d", http.port()))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 308);
+    assert_eq!(r.headers()["location"], url(&one_host, "/a/b?c=d").as_str());
+
+    // Apps trust the device: its CA is in their trust bundle, after the image's own.
+    let (_, bundle) = exec(&c, "one", &["cat", "/etc/ssl/certs/ca-certificates.crt"]).await?;
+    assert!(bundle.contains(ca.trim()), "{bundle}");
+
+    // Removing an app takes its route away at once; the other app keeps being served.
+    c.delete("/v1/apps/two").await?;
+    let r = lax.get(url(&two_host, "/")).send().await?;
+    assert_eq!(r.status(), 404);
+    let r = h2.get(url(&one_host, "/")).send().await?;
+    assert_eq!(r.text().await?.trim(), marker("1"));
+    Ok(())
+}
+
+/// A manifest for an app whose server on 8080 is `script`, run by busybox `nc` for every
+/// connection with the connection as its stdin and stdout.
+fn scripted(w: &World, name: &str, script: &str, https_extra: &str) -> String {
+    w.manifest(
+        name,
+        "hello:1",
+        &format!(
+            "command = [\"sh\", \"-c\", \"echo \\\"$SCRIPT\\\" > /tmp/s.sh && chmod +x /tmp/s.sh && exec nc -ll -p 8080 -e /tmp/s.sh\"]\n[env]\nSCRIPT = '''{script}'''\n[https]\nport = 8080\n{https_extra}"
+        ),
+    )
+}
+
+/// Reads the request head; then answers 101 with `Upgrade: echo` and echoes what comes.
+const ECHO_UPGRADE: &str = r#"#!/bin/sh
+while read -r l; do l=$(printf %s "$l" | tr -d '\r'); [ -z "$l" ] && break; done
+printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n'
+exec cat
+"#;
+
+/// Reads a request with a Content-Length, swallows the body, answers how much it got.
+const SINK: &str = r#"#!/bin/sh
+n=0
+while read -r l; do
+  l=$(printf %s "$l" | tr -d '\r'); [ -z "$l" ] && break
+  case "$l" in [Cc]ontent-[Ll]ength:*) n=${l#*: };; esac
+done
+head -c "$n" > /dev/null
+b="got $n"
+printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' "${#b}" "$b"
+"#;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn upgrades_and_large_uploads_stream_through() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new()?;
+    let c = w.client();
+    let info: AgentInfo = c.get("/v1/info").await?;
+    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
+    let ca = c.text("/v1/ca.crt").await?;
+    c.install(&scripted(&w, "echo", ECHO_UPGRADE, ""), |_| {})
+        .await?;
+    c.install(&scripted(&w, "sink", SINK, ""), |_| {}).await?;
+    c.install(
+        &scripted(&w, "small", SINK, "body_limit = \"1M\"\n"),
+        |_| {},
+    )
+    .await?;
+    for app in ["echo", "sink", "small"] {
+        wait_running(&c, app).await?;
+    }
+    let host = |app: &str| format!("{app}-{}.local", info.device_name);
+    let url = |app: &str| format!("https://{}:{}/", host(app), https.port());
+    let (echo, sink, small) = (host("echo"), host("sink"), host("small"));
+    let h1 = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+        .resolve(&echo, https)
+        .resolve(&sink, https)
+        .resolve(&small, https)
+        .http1_only()
+        .build()?;
+    // The app's server may need a moment after the container starts.
+    wait_for(
+        "the echo app",
+        std::time::Duration::from_secs(10),
+        || async {
+            Ok(h1
+                .get(url("echo"))
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 101))
+        },
+    )
+    .await?;
+
+    // An upgrade (what WebSockets use) becomes a two-way byte stream to the app.
+    let r = h1
+        .get(url("echo"))
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 101);
+    let mut io = r.upgrade().await?;
+    io.write_all(b"ping through the proxy\n").await?;
+    let mut got = vec![0u8; 23];
+    tokio::time::timeout(std::time::Duration::from_secs(5), io.read_exact(&mut got)).await??;
+    assert_eq!(got, b"ping through the proxy\n");
+    drop(io);
+
+    // 1 GiB upload, streamed: the proxy's memory stays flat.
+    const SIZE: u64 = 1 << 30;
+    let before = rss_kib(info.pid);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        let pid = info.pid;
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let stream = futures_util::stream::iter(
+        (0..SIZE >> 20).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    let r = h1
+        .post(url("sink"))
+        .header("content-length", SIZE)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await?;
+    sampler.abort();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await?, format!("got {SIZE}"));
+    let grew_mib = (peak.load(std::sync::atomic::Ordering::Relaxed) - before) / 1024;
+    assert!(
+        grew_mib < 32,
+        "the proxy grew by {grew_mib} MiB for a 1 GiB upload"
+    );
+
+    // An app's body limit: a larger declared body is refused before anything reaches it;
+    // one within passes.
+    let r = h1
+        .post(url("small"))
+        .body(vec![b'x'; 2 << 20])
+        .send()
+        .await?;
+    assert_eq!(r.status(), 413);
+    let r = h1.post(url("small")).body(vec![b'x'; 1000]).send().await?;
+    assert_eq!(r.text().await?, "got 1000");
+    Ok(())
+}
