@@ -56,6 +56,19 @@ async fn apps_are_served_over_https_by_name_with_the_device_ca() -> Result<()> {
     let h2 = client(&ca, &names, https)?;
     let url = |host: &str, path: &str| format!("https://{host}:{}{path}", https.port());
 
+    // The apps' servers may need a moment after their containers started.
+    for host in [&one_host, &two_host] {
+        wait_for(
+            "the apps behind the proxy",
+            std::time::Duration::from_secs(10),
+            || async {
+                let r = h2.get(url(host, "/")).send().await;
+                Ok(r.is_ok_and(|r| r.status() == 200))
+            },
+        )
+        .await?;
+    }
+
     // By name, each app its own page; HTTP/2 by ALPN, HTTP/1.1 for clients that want it.
     let r = h2.get(url(&one_host, "/")).send().await?;
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
@@ -283,5 +296,156 @@ async fn upgrades_and_large_uploads_stream_through() -> Result<()> {
     assert_eq!(r.status(), 413);
     let r = h1.post(url("small")).body(vec![b'x'; 1000]).send().await?;
     assert_eq!(r.text().await?, "got 1000");
+    Ok(())
+}
+
+/// A TLS connection to the proxy for `name`, trusting only the device CA, offering `alpn`.
+async fn tls(
+    ca_pem: &str,
+    https: SocketAddr,
+    name: &str,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes())?)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(https).await?;
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from(name.to_string())?, tcp)
+        .await?)
+}
+
+/// Sends `request` on a new HTTP/1.1 connection; what comes back until the proxy closes it
+/// (or 15 s pass).
+async fn raw_exchange(ca: &str, https: SocketAddr, name: &str, request: &[u8]) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls(ca, https, name, b"http/1.1").await?;
+    s.write_all(request).await?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn abusive_clients_are_cut_off_while_others_are_served() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new()?;
+    let c = w.client();
+    let info: AgentInfo = c.get("/v1/info").await?;
+    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
+    let ca = c.text("/v1/ca.crt").await?;
+    c.install(
+        &w.manifest("one", "hello:1", "[https]\nport = 8080\n"),
+        |_| {},
+    )
+    .await?;
+    wait_running(&c, "one").await?;
+    let name = format!("one-{}.local", info.device_name);
+    let good = client(&ca, &[&name], https)?;
+    let page = format!("https://{name}:{}/", https.port());
+    let served = || async {
+        let r = good.get(&page).send().await?;
+        anyhow::Ok(r.text().await?.trim() == marker("1"))
+    };
+    // The app's server may need a moment after its container started.
+    wait_for(
+        "the app behind the proxy",
+        std::time::Duration::from_secs(10),
+        || async { Ok(served().await.unwrap_or(false)) },
+    )
+    .await?;
+
+    // A request head over the limit: 431, the connection closed.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: {name}\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let out = raw_exchange(&ca, https, &name, big.as_bytes()).await?;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out:.200}");
+    // A malformed request: 400.
+    let out = raw_exchange(&ca, https, &name, b"THIS IS NOT HTTP\r\n\r\n").await?;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:.200}");
+    // A request for no host at all: 400, never an app.
+    let out = raw_exchange(&ca, https, &name, b"GET / HTTP/1.1\r\n\r\n").await?;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:.200}");
+    assert!(!out.contains("hello from"), "{out:.200}");
+
+    // Slowloris: a head that never ends is cut off after the header timeout; meanwhile
+    // others are served.
+    let mut slow = tls(&ca, https, &name, b"http/1.1").await?;
+    slow.write_all(format!("GET / HTTP/1.1\r\nHost: {name}\r\n").as_bytes())
+        .await?;
+    let started = std::time::Instant::now();
+    let cut = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            slow.read_to_end(&mut buf),
+        )
+        .await;
+        (r.is_ok(), started.elapsed())
+    });
+    assert!(served().await?, "served while a slow client dawdles");
+    let (ended, after) = cut.await?;
+    assert!(ended, "the slow client was never cut off");
+    assert!(
+        after >= std::time::Duration::from_secs(9) && after < std::time::Duration::from_secs(20),
+        "{after:?}"
+    );
+
+    // Connection cap per client address: the 257th connection from ::1 is closed at once,
+    // while another address (127.0.0.1) is served.
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(tokio::net::TcpStream::connect(https).await?);
+    }
+    let mut extra = tokio::net::TcpStream::connect(https).await?;
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut byte))
+        .await
+        .context("the connection over the cap was left open")?;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let v4 = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, https.port()));
+    let other = client(&ca, &[&name], v4)?;
+    let r = other.get(&page).send().await?;
+    assert_eq!(r.text().await?.trim(), marker("1"));
+    drop(held);
+
+    // HTTP/2 rapid reset: streams opened and cancelled as fast as possible get the
+    // connection closed, and others keep being served.
+    let io = tls(&ca, https, &name, b"h2").await?;
+    let (mut h2c, conn) = h2::client::handshake(io).await?;
+    let driver = tokio::spawn(conn);
+    let mut refused = false;
+    for _ in 0..10_000 {
+        let req = hyper::Request::get(page.as_str()).body(())?;
+        match h2c.send_request(req, true) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+        if futures_util::future::poll_fn(|cx| h2c.poll_ready(cx))
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), driver).await;
+    assert!(
+        refused || matches!(ended, Ok(Ok(Err(_)))),
+        "the flooding connection was not closed: {ended:?}"
+    );
+    assert!(served().await?, "served after the flood");
     Ok(())
 }
