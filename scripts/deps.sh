@@ -7,6 +7,7 @@ pkgs=(
   busybox-static apache2-utils openssl   # tests: image contents, htpasswd, token-auth keys
   ca-certificates util-linux iproute2    # mount, ip (the harness builds test networks)
   nftables                               # the agent's firewall (libnftables1) and tests' nft
+  pebble curl                            # tests: a real ACME server; a second HTTPS client
   crun iperf3                            # benchmarks: what we compare against
 )
 missing=()

@@ -198,6 +198,11 @@ impl Agent {
         let proxy = crate::proxy::Proxy::start(&config.proxy, &device, ca)
             .await
             .context("start the reverse proxy")?;
+        if let Some(text) = store.setting("acme")?.filter(|t| !t.is_empty()) {
+            let cfg: crate::proxy::acme::AcmeConfig =
+                serde_json::from_str(&text).context("the stored domain settings")?;
+            proxy.set_acme(Some(cfg));
+        }
         let runtime = Runtime::new(
             paths.clone(),
             network.clone(),
@@ -449,6 +454,37 @@ impl Agent {
     pub fn log_file(&self, name: &AppName) -> Result<std::path::PathBuf> {
         self.inner.installed(name)?;
         Ok(self.inner.paths.log(name))
+    }
+
+    /// The owner's public domain and its ACME settings, if set.
+    pub fn domain(&self) -> Option<crate::proxy::acme::AcmeConfig> {
+        self.inner.proxy.acme_config()
+    }
+
+    /// Sets or clears the public domain; apps get `<app>.<domain>` names with certificates
+    /// from ACME.
+    pub fn set_domain(
+        &self,
+        config: Option<crate::proxy::acme::AcmeConfig>,
+        actor: &Actor,
+    ) -> Result<()> {
+        if let Some(c) = &config {
+            c.check().map_err(AgentError::BadRequest)?;
+        }
+        let text = match &config {
+            Some(c) => serde_json::to_string(c)
+                .map_err(|e| AgentError::BadRequest(format!("domain settings: {e}")))?,
+            None => String::new(),
+        };
+        self.inner.store.set_setting("acme", &text)?;
+        tracing::info!(actor = %actor.0, domain = ?config.as_ref().map(|c| &c.domain), "public domain set");
+        self.inner.proxy.set_acme(config);
+        Ok(())
+    }
+
+    /// The public names' certificates.
+    pub fn certificates(&self) -> Vec<crate::proxy::CertState> {
+        self.inner.proxy.certificates()
     }
 
     /// The device CA's certificate (PEM), for owners to install.

@@ -45,6 +45,9 @@ struct Args {
     /// Where the reverse proxy takes HTTPS; `off` for nowhere.
     #[arg(long, default_value = "[::]:443", value_parser = listen_addr)]
     proxy_https: Listen,
+    /// A CA certificate (PEM) the ACME directory's own TLS chains to, for test ACME servers.
+    #[arg(long, env = "HOMEPORT_ACME_ROOT")]
+    acme_root: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -154,6 +157,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         proxy: homeport::proxy::ProxyConfig {
             http: args.proxy_http.0,
             https: args.proxy_https.0,
+            acme_dir: Paths::new(&args.data_dir).acme(),
+            acme_root: args.acme_root.clone(),
         },
     };
     let agent = Arc::new(Agent::start(config).await?);

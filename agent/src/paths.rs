@@ -69,6 +69,10 @@ impl Paths {
     pub fn trust_bundle(&self, name: &AppName) -> PathBuf {
         self.app(name).join("etc").join("ca-certificates.crt")
     }
+    /// ACME account and certificates for the public domain.
+    pub fn acme(&self) -> PathBuf {
+        self.data().join("acme")
+    }
     /// The device CA (`ca.key`, `ca.crt`).
     pub fn ca(&self) -> PathBuf {
         self.data().join("ca")

@@ -29,6 +29,8 @@ pub struct AgentOpts {
     /// on every address by default, so agents side by side do not clash.
     pub proxy_http: String,
     pub proxy_https: String,
+    /// `--acme-root`: the CA a test ACME server's own HTTPS chains to.
+    pub acme_root: Option<PathBuf>,
 }
 
 impl Default for AgentOpts {
@@ -42,6 +44,7 @@ impl Default for AgentOpts {
             netns: None,
             proxy_http: "[::]:0".into(),
             proxy_https: "[::]:0".into(),
+            acme_root: None,
         }
     }
 }
@@ -151,6 +154,9 @@ impl AgentProcess {
             .arg(self.opts.stop_grace_secs.to_string());
         c.arg("--proxy-http").arg(&self.opts.proxy_http);
         c.arg("--proxy-https").arg(&self.opts.proxy_https);
+        if let Some(root) = &self.opts.acme_root {
+            c.arg("--acme-root").arg(root);
+        }
         for r in &self.opts.insecure_registries {
             c.arg("--insecure-registry").arg(r);
         }

@@ -8,6 +8,7 @@
 //!   [`push_whiteouts`], [`push_malicious`], [`push_corrupt_blob`].
 //!
 //! - [`AgentProcess`]: a `homeportd` under test with its own data directory and cgroup parent.
+//! - [`Pebble`]: a real ACME server (pebble with its DNS test server).
 //! - [`NetWorld`]: device, LAN router and internet as three network namespaces, with small
 //!   HTTP and DNS [`Server`]s inside them.
 //!
@@ -21,6 +22,7 @@ mod agent;
 mod image;
 mod images;
 mod networld;
+mod pebble;
 mod registry;
 mod token;
 
@@ -36,6 +38,7 @@ pub use images::{
     BUSYBOX_APPLETS, BUSYBOX_CMD,
 };
 pub use networld::{NetWorld, Server};
+pub use pebble::Pebble;
 pub use registry::Registry;
 
 use anyhow::{bail, Context, Result};

@@ -127,6 +127,11 @@ impl Client {
         decode(self.request(Method::POST, path, Some(b)).await?).await
     }
 
+    pub async fn put<T: DeserializeOwned, B: Serialize>(&self, path: &str, body: &B) -> Result<T> {
+        let b = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        decode(self.request(Method::PUT, path, Some(b)).await?).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.request(Method::DELETE, path, None).await?;
         Ok(())

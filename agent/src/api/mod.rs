@@ -46,6 +46,10 @@ pub enum Op {
     Debug,
     ListImages,
     Ca,
+    GetDomain,
+    SetDomain,
+    ClearDomain,
+    Certificates,
     PruneImages,
 }
 
@@ -79,6 +83,10 @@ pub const ROUTES: &[Route] = routes! {
     GET "/v1/images" => ListImages,
     POST "/v1/images/prune" => PruneImages,
     GET "/v1/ca.crt" => Ca,
+    GET "/v1/domain" => GetDomain,
+    PUT "/v1/domain" => SetDomain,
+    DELETE "/v1/domain" => ClearDomain,
+    GET "/v1/certificates" => Certificates,
 };
 
 /// Matches a request path against the table; returns the op and the `{name}` segment.
@@ -200,6 +208,17 @@ async fn dispatch(
         ));
     };
     let cmd = match op {
+        Op::GetDomain => return Ok(json(&agent.domain())),
+        Op::SetDomain => {
+            let cfg = read_json::<crate::proxy::acme::AcmeConfig>(req).await?;
+            agent.set_domain(Some(cfg), &actor)?;
+            return Ok(json(&agent.domain()));
+        }
+        Op::ClearDomain => {
+            agent.set_domain(None, &actor)?;
+            return Ok(json(&agent.domain()));
+        }
+        Op::Certificates => return Ok(json(&agent.certificates())),
         Op::Ca => {
             return Ok(Response::builder()
                 .header("content-type", "application/x-pem-file")

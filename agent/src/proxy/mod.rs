@@ -6,6 +6,7 @@
 //! `Arc` (connections in flight keep the table they started with); only names the device
 //! serves get certificates (a client cannot make the proxy issue for names of its choosing).
 
+pub mod acme;
 pub mod ca;
 
 use std::collections::HashMap;
@@ -38,6 +39,29 @@ type UpstreamBody = BoxBody<Bytes, BoxError>;
 pub struct ProxyConfig {
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
+    /// Where ACME account and certificates are kept.
+    pub acme_dir: std::path::PathBuf,
+    /// An extra root for the ACME directory's own TLS (test servers such as pebble).
+    pub acme_root: Option<std::path::PathBuf>,
+}
+
+/// The state of a public name's certificate, for the API.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct CertState {
+    pub name: String,
+    /// Unix ms; `None` while there is no certificate yet.
+    pub not_after: Option<i64>,
+    /// The last failure, with the ACME server's reason.
+    pub error: Option<String>,
+    /// Unix ms of the next attempt after a failure.
+    pub retry_at: Option<i64>,
+    #[serde(skip)]
+    failures: u32,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Limits that keep one client from starving the others.
@@ -94,6 +118,9 @@ struct Certs {
     device_names: Vec<String>,
     routes: Arc<RwLock<Arc<HashMap<String, Route>>>>,
     issued: Mutex<HashMap<String, (Arc<CertifiedKey>, SystemTime)>>,
+    /// Public names' certificates from ACME.
+    public: RwLock<HashMap<String, acme::Issued>>,
+    challenges: Arc<acme::Challenges>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -127,8 +154,24 @@ impl Certs {
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let asked = hello.server_name().and_then(route_key);
-        let known =
-            asked.filter(|n| self.device_names.contains(n) || read(&self.routes).contains_key(n));
+        let acme_tls = hello
+            .alpn()
+            .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN));
+        if acme_tls {
+            // A TLS-ALPN-01 validation: the challenge certificate, or nothing.
+            return self.challenges.tls_alpn01(asked.as_deref()?);
+        }
+        if let Some(name) = &asked {
+            let public = self.public.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = public.get(name) {
+                return Some(i.key.clone());
+            }
+        }
+        let known = asked.filter(|n| {
+            self.device_names.contains(n)
+                || (n.ends_with(".local") || n.ends_with(".home.arpa"))
+                    && read(&self.routes).contains_key(n)
+        });
         // Any other name gets the device's own certificate, and then the 404 page.
         let name = known.or_else(|| self.device_names.first().cloned())?;
         self.for_name(&name)
@@ -139,8 +182,16 @@ fn read<T>(l: &RwLock<Arc<T>>) -> Arc<T> {
     l.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// The ALPN protocol of TLS-ALPN-01 validations (RFC 8737).
+const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 pub struct Proxy {
     device: String,
+    apps: RwLock<Vec<Route>>,
+    acme: acme::Acme,
+    acme_config: RwLock<Option<acme::AcmeConfig>>,
+    cert_states: Mutex<HashMap<String, CertState>>,
+    wake: tokio::sync::Notify,
     routes: Arc<RwLock<Arc<HashMap<String, Route>>>>,
     certs: Arc<Certs>,
     client: Client<HttpConnector, UpstreamBody>,
@@ -158,11 +209,14 @@ impl Proxy {
         ca: DeviceCa,
     ) -> std::io::Result<Arc<Proxy>> {
         let routes = Arc::new(RwLock::new(Arc::new(HashMap::new())));
+        let acme = acme::Acme::new(config.acme_dir.clone(), config.acme_root.clone());
         let certs = Arc::new(Certs {
             ca,
             device_names: vec![format!("{device}.local"), format!("{device}.home.arpa")],
             routes: routes.clone(),
             issued: Mutex::new(HashMap::new()),
+            public: RwLock::new(acme.load()),
+            challenges: acme.challenges.clone(),
         });
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -183,6 +237,11 @@ impl Proxy {
         let bound_https = https.as_ref().map(|l| l.local_addr()).transpose()?;
         let proxy = Arc::new(Proxy {
             device: device.to_string(),
+            apps: RwLock::new(Vec::new()),
+            acme,
+            acme_config: RwLock::new(None),
+            cert_states: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
             routes,
             certs,
             client,
@@ -199,13 +258,14 @@ impl Proxy {
             .map_err(std::io::Error::other)?
             .with_no_client_auth()
             .with_cert_resolver(proxy.certs.clone());
-            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
             tokio::spawn(proxy.clone().accept_loop(l, Some(acceptor)));
         }
         if let Some(l) = http {
             tokio::spawn(proxy.clone().accept_loop(l, None));
         }
+        tokio::spawn(proxy.clone().acme_loop());
         tracing::info!(http = ?proxy.bound_http, https = ?proxy.bound_https, device, "proxy listening");
         Ok(proxy)
     }
@@ -225,13 +285,154 @@ impl Proxy {
 
     /// Replaces the routing table; connections in flight are not disturbed.
     pub fn set_routes(&self, routes: impl IntoIterator<Item = Route>) {
+        *self.apps.write().unwrap_or_else(|e| e.into_inner()) = routes.into_iter().collect();
+        self.rebuild_table();
+        self.wake.notify_one();
+    }
+
+    fn rebuild_table(&self) {
+        let domain = self.domain();
         let mut table = HashMap::new();
-        for r in routes {
+        for r in self.apps.read().unwrap_or_else(|e| e.into_inner()).iter() {
             for name in hostnames(&r.app, &self.device) {
                 table.insert(name, r.clone());
             }
+            if let Some(d) = &domain {
+                table.insert(format!("{}.{d}", r.app), r.clone());
+            }
         }
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+
+    fn domain(&self) -> Option<String> {
+        self.acme_config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.domain.clone())
+    }
+
+    /// Sets (or clears) the owner's public domain: apps are served under `<app>.<domain>` too,
+    /// with certificates from ACME.
+    pub fn set_acme(&self, config: Option<acme::AcmeConfig>) {
+        *self.acme_config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        self.cert_states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.rebuild_table();
+        self.wake.notify_one();
+    }
+
+    pub fn acme_config(&self) -> Option<acme::AcmeConfig> {
+        self.acme_config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The public names and their certificates' state.
+    pub fn certificates(&self) -> Vec<CertState> {
+        let mut v: Vec<CertState> = self
+            .public_names()
+            .into_iter()
+            .map(|name| {
+                let mut s = self
+                    .cert_states
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_default();
+                s.not_after = self
+                    .certs
+                    .public
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&name)
+                    .map(|i| unix_ms(i.not_after));
+                s.name = name;
+                s
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn public_names(&self) -> Vec<String> {
+        let Some(domain) = self.domain() else {
+            return Vec::new();
+        };
+        self.apps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|r| format!("{}.{domain}", r.app))
+            .collect()
+    }
+
+    /// Obtains and renews the public names' certificates: at once when names or the domain
+    /// change, then when a certificate is due, with backoff (1 min doubling to 6 h, ±10 %)
+    /// after failures.
+    async fn acme_loop(self: Arc<Self>) {
+        loop {
+            let mut next = Duration::from_secs(3600);
+            if let Some(cfg) = self.acme_config() {
+                for name in self.public_names() {
+                    let now = SystemTime::now();
+                    let have = self
+                        .certs
+                        .public
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&name)
+                        .cloned();
+                    if have.as_ref().is_some_and(|i| !i.due(now)) {
+                        continue;
+                    }
+                    let retry_at = self
+                        .cert_states
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&name)
+                        .and_then(|s| s.retry_at);
+                    if let Some(at) = retry_at {
+                        let wait = at - unix_ms(now);
+                        if wait > 0 {
+                            next = next.min(Duration::from_millis(wait as u64));
+                            continue;
+                        }
+                    }
+                    match self.acme.obtain(&cfg, &name).await {
+                        Ok(issued) => {
+                            self.certs
+                                .public
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(name.clone(), issued);
+                            self.cert_states
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&name);
+                        }
+                        Err(e) => {
+                            tracing::warn!(name, error = %e, "no certificate from ACME");
+                            let mut states =
+                                self.cert_states.lock().unwrap_or_else(|e| e.into_inner());
+                            let s = states.entry(name.clone()).or_default();
+                            s.failures += 1;
+                            let base = 60u64 << s.failures.min(9).saturating_sub(1);
+                            let backoff =
+                                base.min(6 * 3600) as f64 * (0.9 + 0.2 * rand::random::<f64>());
+                            s.error = Some(e.to_string());
+                            s.retry_at = Some(unix_ms(now) + (backoff * 1000.0) as i64);
+                            next = next.min(Duration::from_secs_f64(backoff));
+                        }
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(next, self.wake.notified()).await;
+        }
     }
 
     /// The app's URL on the LAN.
@@ -317,7 +518,12 @@ impl Proxy {
                             Ok(Ok(s)) => s,
                             _ => return,
                         };
-                    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let alpn = tls_stream.get_ref().1.alpn_protocol();
+                    if alpn == Some(ACME_TLS_ALPN) {
+                        // A TLS-ALPN-01 validation ends with the handshake.
+                        return;
+                    }
+                    let h2 = alpn == Some(b"h2");
                     let io = TokioIo::new(tls_stream);
                     if h2 {
                         builder.serve_connection_with_upgrades(io, service).await
@@ -374,8 +580,11 @@ impl Proxy {
     /// Plain HTTP goes to HTTPS, except ACME's HTTP-01 challenges (not served yet: 404).
     fn redirect(&self, req: &Request<Incoming>, host: &str) -> Response<ProxyBody> {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        if path.starts_with("/.well-known/acme-challenge/") {
-            return plain(StatusCode::NOT_FOUND, "no such challenge\n");
+        if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+            return match self.acme.challenges.http01(token) {
+                Some(auth) => plain(StatusCode::OK, &auth),
+                None => plain(StatusCode::NOT_FOUND, "no such challenge\n"),
+            };
         }
         let authority = match self.https_port {
             443 => host.to_string(),

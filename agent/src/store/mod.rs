@@ -559,6 +559,15 @@ impl Store {
             .optional()?)
     }
 
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
     /// Sets `key` unless it is set already; returns the value in force.
     pub fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
         let conn = self.conn();
