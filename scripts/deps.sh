@@ -7,7 +7,7 @@ pkgs=(
   busybox-static apache2-utils openssl   # tests: image contents, htpasswd, token-auth keys
   ca-certificates util-linux iproute2    # mount, ip (the harness builds test networks)
   nftables                               # the agent's firewall (libnftables1) and tests' nft
-  pebble curl                            # tests: a real ACME server; a second HTTPS client
+  pebble curl testssl.sh                 # tests: a real ACME server; HTTPS client; TLS scan
   crun iperf3                            # benchmarks: what we compare against
 )
 missing=()

@@ -621,8 +621,10 @@ impl Inner {
                 let ip = self.network.app_address(&row.name);
                 routes.push(crate::proxy::Route {
                     upstream: std::net::SocketAddr::from((ip, h.port)),
-                    app: row.name,
                     body_limit: h.body_limit,
+                    static_paths: h.static_paths,
+                    rootfs: self.paths.rootfs(&row.name),
+                    app: row.name,
                 });
             }
         }

@@ -449,3 +449,71 @@ async fn abusive_clients_are_cut_off_while_others_are_served() -> Result<()> {
     assert!(served().await?, "served after the flood");
     Ok(())
 }
+
+#[tokio::test]
+async fn static_paths_are_served_from_the_image_even_when_the_app_is_stopped() -> Result<()> {
+    let w = World::new()?;
+    let c = w.client();
+    let info: AgentInfo = c.get("/v1/info").await?;
+    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
+    let ca = c.text("/v1/ca.crt").await?;
+    c.install(
+        &w.manifest(
+            "site",
+            "hello:1",
+            "[https]\nport = 8080\nstatic = [\"/www\"]\n",
+        ),
+        |_| {},
+    )
+    .await?;
+    wait_running(&c, "site").await?;
+    let name = format!("site-{}.local", info.device_name);
+    let h = client(&ca, &[&name], https)?;
+    let url = |path: &str| format!("https://{name}:{}{path}", https.port());
+
+    let r = h.get(url("/www/index.html")).send().await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
+    let etag = r.headers()["etag"].clone();
+    assert_eq!(r.text().await?.trim(), marker("1"));
+    let r = h
+        .get(url("/www/index.html"))
+        .header("if-none-match", etag.clone())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 304);
+    let r = h
+        .get(url("/www/index.html"))
+        .header("range", "bytes=0-4")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.text().await?, "hello");
+
+    // The proxy serves them, not the app: with the app stopped they are still there, while
+    // everything else gets 502.
+    c.post::<serde_json::Value, _>("/v1/apps/site/stop", &())
+        .await?;
+    let r = h.get(url("/www/index.html")).send().await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"], etag);
+    assert_eq!(h.get(url("/")).send().await?.status(), 502);
+    // Nothing outside the image's static path, however the path is spelled.
+    for target in [
+        "/www/%2e%2e/etc/passwd",
+        "/www/..%2fetc/passwd",
+        "/www/../etc/passwd",
+    ] {
+        let out = raw_exchange(
+            &ca,
+            https,
+            &name,
+            format!("GET {target} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        assert!(!out.contains("root:"), "{target}: {out:.300}");
+        assert!(!out.starts_with("HTTP/1.1 200"), "{target}: {out:.300}");
+    }
+    Ok(())
+}

@@ -34,11 +34,14 @@ pub struct Manifest {
     pub ports: Vec<Port>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Https {
     pub port: u16,
     /// The largest request body the proxy passes to the app; `None`: no limit.
     pub body_limit: Option<u64>,
+    /// Paths the proxy serves itself from the image's files (the app need not run).
+    #[serde(default)]
+    pub static_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -176,6 +179,8 @@ struct Raw {
 struct RawHttps {
     port: Spanned<i64>,
     body_limit: Option<Spanned<String>>,
+    #[serde(rename = "static", default)]
+    static_paths: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -368,9 +373,31 @@ impl Manifest {
                         None
                     }
                 });
-            port_number(&mut p, &h.port, "https.port").map(|port| Https { port, body_limit })
+            let mut static_paths: Vec<String> = Vec::new();
+            for (i, sp) in h.static_paths.iter().enumerate() {
+                let path = sp.get_ref().trim_end_matches('/').to_string();
+                let key = format!("https.static[{i}]");
+                if path.is_empty() {
+                    p.push(
+                        sp.span(),
+                        &key,
+                        "cannot serve the whole image: name a directory or file".into(),
+                    );
+                } else if let Err(why) = check_container_path(&path) {
+                    p.push(sp.span(), &key, why);
+                } else if static_paths.contains(&path) {
+                    p.push(sp.span(), &key, format!("{path:?} is listed twice"));
+                } else {
+                    static_paths.push(path);
+                }
+            }
+            port_number(&mut p, &h.port, "https.port").map(|port| Https {
+                port,
+                body_limit,
+                static_paths,
+            })
         });
-        let ports = parse_ports(&mut p, &raw.port, https);
+        let ports = parse_ports(&mut p, &raw.port, https.as_ref());
 
         if !p.list.is_empty() {
             return Err(ManifestError { problems: p.list });
@@ -420,7 +447,7 @@ const DEVICE_PORTS: [(Protocol, u16, &str); 3] = [
     (Protocol::Udp, 5353, "the device's mDNS responder"),
 ];
 
-fn parse_ports(p: &mut Problems, raw: &[Spanned<RawPort>], https: Option<Https>) -> Vec<Port> {
+fn parse_ports(p: &mut Problems, raw: &[Spanned<RawPort>], https: Option<&Https>) -> Vec<Port> {
     let mut ports: Vec<Port> = Vec::new();
     for (i, rp) in raw.iter().enumerate() {
         let rp = rp.get_ref();
@@ -720,7 +747,8 @@ pids = 64
             m.https,
             Some(Https {
                 port: 8080,
-                body_limit: None
+                body_limit: None,
+                static_paths: Vec::new(),
             })
         );
         assert_eq!(m.ports.len(), 3);
@@ -730,6 +758,27 @@ pids = 64
             m.public_ports().collect::<Vec<_>>(),
             vec![(Protocol::Udp, 53), (Protocol::Tcp, 53)]
         );
+    }
+
+    #[test]
+    fn static_paths() {
+        let m = Manifest::parse(
+            "name = \"a\"\nimage = \"x\"\n[https]\nport = 80\nstatic = [\"/assets/\", \"/favicon.ico\"]\n",
+        )
+        .unwrap();
+        assert_eq!(m.https.unwrap().static_paths, ["/assets", "/favicon.ico"]);
+        let p = problems(
+            "name = \"a\"\nimage = \"x\"\n[https]\nport = 80\nstatic = [\"rel\", \"/\", \"/a/../b\", \"/x\", \"/x/\"]\n",
+        );
+        let joined = p.join("\n");
+        for needle in [
+            "https.static[0]: \"rel\" must be an absolute path",
+            "https.static[1]: cannot serve the whole image",
+            "https.static[2]:",
+            "https.static[4]: \"/x\" is listed twice",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
+        }
     }
 
     #[test]

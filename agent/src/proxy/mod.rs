@@ -8,6 +8,7 @@
 
 pub mod acme;
 pub mod ca;
+mod files;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -78,6 +79,20 @@ pub struct Route {
     pub upstream: SocketAddr,
     /// The largest request body passed on (`[https] body_limit`); `None`: no limit.
     pub body_limit: Option<u64>,
+    /// Paths served by the proxy itself from `rootfs` (`[https] static`).
+    pub static_paths: Vec<String>,
+    /// The app's root filesystem as the device sees it (read-only).
+    pub rootfs: std::path::PathBuf,
+}
+
+impl Route {
+    /// Whether `path` lies under one of the static paths (whole segments only).
+    fn serves_static(&self, path: &str) -> bool {
+        self.static_paths.iter().any(|p| {
+            path.strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
 }
 
 /// The names an app is served under on the LAN, for a device named `device`: a single-label
@@ -258,6 +273,9 @@ impl Proxy {
             .map_err(std::io::Error::other)?
             .with_no_client_auth()
             .with_cert_resolver(proxy.certs.clone());
+            // Our order of cipher suites (rustls': AEADs with forward secrecy, strongest first),
+            // not whatever the client lists first.
+            tls.ignore_client_order = true;
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
             tokio::spawn(proxy.clone().accept_loop(l, Some(acceptor)));
@@ -604,6 +622,10 @@ impl Proxy {
         host: &str,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
+        if route.serves_static(req.uri().path()) {
+            return files::serve(&route.rootfs, req.uri().path(), req.method(), req.headers())
+                .await;
+        }
         let upgrade = wants_upgrade(req.headers()).then(|| {
             (
                 req.headers().get(header::UPGRADE).cloned(),
