@@ -482,6 +482,12 @@ impl Agent {
         Ok(())
     }
 
+    /// What the proxy counted for an app (zeros for an app it does not serve).
+    pub fn traffic(&self, name: &AppName) -> Result<crate::proxy::traffic::TrafficStats> {
+        self.inner.installed(name)?;
+        Ok(self.inner.proxy.traffic(name).unwrap_or_default())
+    }
+
     /// The public names' certificates.
     pub fn certificates(&self) -> Vec<crate::proxy::CertState> {
         self.inner.proxy.certificates()
@@ -624,6 +630,7 @@ impl Inner {
                     body_limit: h.body_limit,
                     static_paths: h.static_paths,
                     rootfs: self.paths.rootfs(&row.name),
+                    log: self.paths.log(&row.name),
                     app: row.name,
                 });
             }

@@ -139,6 +139,27 @@ async fn apps_are_served_over_https_by_name_with_the_device_ca() -> Result<()> {
     assert_eq!(r.status(), 308);
     assert_eq!(r.headers()["location"], url(&one_host, "/a/b?c=d").as_str());
 
+    // The proxy counted the app's requests and logged them into the app's log.
+    let t: homeport::proxy::traffic::TrafficStats = c.get("/v1/apps/one/traffic").await?;
+    assert!(t.requests >= 5 && t.status["2xx"] >= 5, "{t:?}");
+    assert_eq!(
+        t.latency_ms.iter().map(|(_, n)| n).sum::<u64>(),
+        t.requests,
+        "every request in a latency bucket"
+    );
+    let log_file = inspect(&c, "one").await?.log_file;
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = std::fs::read_to_string(&log_file)?;
+        if log.contains("\"GET / HTTP/2.0\" 200") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(log.contains("\"GET / HTTP/2.0\" 200"), "{log}");
+    assert!(log.contains("\"GET / HTTP/1.1\" 200"), "{log}");
+    assert!(log.contains(&one_host), "{log}");
+
     // Apps trust the device: its CA is in their trust bundle, after the image's own.
     let (_, bundle) = exec(&c, "one", &["cat", "/etc/ssl/certs/ca-certificates.crt"]).await?;
     assert!(bundle.contains(ca.trim()), "{bundle}");

@@ -50,6 +50,7 @@ pub enum Op {
     SetDomain,
     ClearDomain,
     Certificates,
+    Traffic,
     PruneImages,
 }
 
@@ -87,6 +88,7 @@ pub const ROUTES: &[Route] = routes! {
     PUT "/v1/domain" => SetDomain,
     DELETE "/v1/domain" => ClearDomain,
     GET "/v1/certificates" => Certificates,
+    GET "/v1/apps/{name}/traffic" => Traffic,
 };
 
 /// Matches a request path against the table; returns the op and the `{name}` segment.
@@ -219,6 +221,7 @@ async fn dispatch(
             return Ok(json(&agent.domain()));
         }
         Op::Certificates => return Ok(json(&agent.certificates())),
+        Op::Traffic => return Ok(json(&agent.traffic(&app_name(name)?)?)),
         Op::Ca => {
             return Ok(Response::builder()
                 .header("content-type", "application/x-pem-file")

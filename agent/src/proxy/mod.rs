@@ -9,6 +9,7 @@
 pub mod acme;
 pub mod ca;
 mod files;
+pub mod traffic;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -83,6 +84,8 @@ pub struct Route {
     pub static_paths: Vec<String>,
     /// The app's root filesystem as the device sees it (read-only).
     pub rootfs: std::path::PathBuf,
+    /// The app's log file, where access-log lines go.
+    pub log: std::path::PathBuf,
 }
 
 impl Route {
@@ -202,6 +205,8 @@ const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 pub struct Proxy {
     device: String,
+    traffic: RwLock<HashMap<AppName, Arc<traffic::Traffic>>>,
+    access_log: traffic::AccessLog,
     apps: RwLock<Vec<Route>>,
     acme: acme::Acme,
     acme_config: RwLock<Option<acme::AcmeConfig>>,
@@ -252,6 +257,8 @@ impl Proxy {
         let bound_https = https.as_ref().map(|l| l.local_addr()).transpose()?;
         let proxy = Arc::new(Proxy {
             device: device.to_string(),
+            traffic: RwLock::new(HashMap::new()),
+            access_log: traffic::AccessLog::start()?,
             apps: RwLock::new(Vec::new()),
             acme,
             acme_config: RwLock::new(None),
@@ -303,7 +310,15 @@ impl Proxy {
 
     /// Replaces the routing table; connections in flight are not disturbed.
     pub fn set_routes(&self, routes: impl IntoIterator<Item = Route>) {
-        *self.apps.write().unwrap_or_else(|e| e.into_inner()) = routes.into_iter().collect();
+        let routes: Vec<Route> = routes.into_iter().collect();
+        {
+            let mut t = self.traffic.write().unwrap_or_else(|e| e.into_inner());
+            t.retain(|app, _| routes.iter().any(|r| &r.app == app));
+            for r in &routes {
+                t.entry(r.app.clone()).or_default();
+            }
+        }
+        *self.apps.write().unwrap_or_else(|e| e.into_inner()) = routes;
         self.rebuild_table();
         self.wake.notify_one();
     }
@@ -453,6 +468,15 @@ impl Proxy {
         }
     }
 
+    /// The proxy's counters for an app (`None`: the proxy does not serve it).
+    pub fn traffic(&self, app: &AppName) -> Option<traffic::TrafficStats> {
+        self.traffic
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(app)
+            .map(|t| t.stats())
+    }
+
     /// The app's URL on the LAN.
     pub fn url(&self, app: &AppName) -> String {
         let [name, _] = hostnames(app, &self.device);
@@ -592,7 +616,36 @@ impl Proxy {
         let Some(route) = read(&self.routes).get(&host).cloned() else {
             return plain(StatusCode::NOT_FOUND, "no app is served under this name\n");
         };
-        self.forward(req, route, &host, peer).await
+        let started = std::time::Instant::now();
+        let request_line = format!(
+            "{} {} {:?}",
+            req.method(),
+            req.uri().path_and_query().map_or("/", |p| p.as_str()),
+            req.version()
+        );
+        let (app, log) = (route.app.clone(), route.log.clone());
+        let resp = self.forward(req, route, &host, peer).await;
+        let took = started.elapsed();
+        let counters = self
+            .traffic
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&app)
+            .cloned();
+        if let Some(t) = counters {
+            t.record(resp.status().as_u16(), took);
+            let line = format!(
+                "{} proxy {} \"{request_line}\" {} {:.1}ms {host}\n",
+                timestamp(),
+                peer.ip().to_canonical(),
+                resp.status().as_u16(),
+                took.as_secs_f64() * 1000.0,
+            );
+            if !self.access_log.write(log, line) {
+                traffic::AccessLog::dropped(&t);
+            }
+        }
+        resp
     }
 
     /// Plain HTTP goes to HTTPS, except ACME's HTTP-01 challenges (not served yet: 404).
@@ -751,6 +804,21 @@ async fn drain(mut body: Incoming) {
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+}
+
+/// Now as `2026-11-23T07:50:01.123Z`.
+fn timestamp() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 fn empty() -> ProxyBody {
