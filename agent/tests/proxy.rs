@@ -272,6 +272,18 @@ async fn upgrades_and_large_uploads_stream_through() -> Result<()> {
     let mut got = vec![0u8; 23];
     tokio::time::timeout(std::time::Duration::from_secs(5), io.read_exact(&mut got)).await??;
     assert_eq!(got, b"ping through the proxy\n");
+    // Routes change (an app installed, another removed) while the connection is open: it
+    // carries on.
+    c.install(
+        &w.manifest("late", "hello:1", "[https]\nport = 8080\n"),
+        |_| {},
+    )
+    .await?;
+    c.delete("/v1/apps/late").await?;
+    io.write_all(b"still here after a route change\n").await?;
+    let mut got = vec![0u8; 32];
+    tokio::time::timeout(std::time::Duration::from_secs(5), io.read_exact(&mut got)).await??;
+    assert_eq!(got, b"still here after a route change\n");
     drop(io);
 
     // 1 GiB upload, streamed: the proxy's memory stays flat.
