@@ -182,15 +182,6 @@ impl Agent {
                     .context("the stored IPv4 net")?
             }
         };
-        let network = Arc::new(crate::net::Network::new(ula, net4, config.resolv_conf));
-        // The firewall is made anew from the store: whatever the kernel held, it matches.
-        let rules = app_rules(&store, &network, None)?;
-        let net = network.clone();
-        tokio::task::spawn_blocking(move || net.up(&rules))
-            .await
-            .context("bring up the app network")?
-            .with_context(|| format!("bring up the app network on {}", network.bridge()))?;
-        tracing::info!(prefix = %network.apps_net(), ipv4 = %network.apps_net4(), bridge = network.bridge(), "app network up");
         // The device CA and the proxy: apps' trust bundles and routes depend on them.
         let device_id = &ula.global_id_hex()[..10];
         let ca = crate::proxy::DeviceCa::load_or_create(&paths.ca(), device_id)?;
@@ -203,6 +194,26 @@ impl Agent {
                 serde_json::from_str(&text).context("the stored domain settings")?;
             proxy.set_acme(Some(cfg));
         }
+        // Apps may reach the proxy on the device (to reach each other by name, over HTTPS).
+        let services: Vec<(crate::manifest::Protocol, u16)> = [proxy.bound().0, proxy.bound().1]
+            .into_iter()
+            .flatten()
+            .map(|a| (crate::manifest::Protocol::Tcp, a.port()))
+            .collect();
+        let network = Arc::new(crate::net::Network::new(
+            ula,
+            net4,
+            config.resolv_conf,
+            services,
+        ));
+        // The firewall is made anew from the store: whatever the kernel held, it matches.
+        let rules = app_rules(&store, &network, None)?;
+        let net = network.clone();
+        tokio::task::spawn_blocking(move || net.up(&rules))
+            .await
+            .context("bring up the app network")?
+            .with_context(|| format!("bring up the app network on {}", network.bridge()))?;
+        tracing::info!(prefix = %network.apps_net(), ipv4 = %network.apps_net4(), bridge = network.bridge(), "app network up");
         let runtime = Runtime::new(
             paths.clone(),
             network.clone(),
@@ -479,7 +490,8 @@ impl Agent {
         self.inner.store.set_setting("acme", &text)?;
         tracing::info!(actor = %actor.0, domain = ?config.as_ref().map(|c| &c.domain), "public domain set");
         self.inner.proxy.set_acme(config);
-        Ok(())
+        // The public names go into the apps' hosts files too.
+        self.inner.refresh_routes()
     }
 
     /// What the proxy counted for an app (zeros for an app it does not serve).
@@ -636,6 +648,20 @@ impl Inner {
             }
         }
         self.proxy.set_routes(routes);
+        // Every app reaches the others by their HTTPS names, through the proxy.
+        self.network.set_shared_names(self.proxy.names());
+        for row in self.store.apps()? {
+            let hosts = self.paths.hosts(&row.name);
+            if row.phase != Phase::Installed || !hosts.exists() {
+                continue;
+            }
+            if let Some(h) = self.store.ipv4_host(&row.name)? {
+                // Rewritten in place: the file is bind-mounted into the running app.
+                if let Err(e) = std::fs::write(&hosts, self.network.hosts_file(&row.name, h)) {
+                    tracing::warn!(app = %row.name, error = %e, "cannot update the hosts file");
+                }
+            }
+        }
         Ok(())
     }
 

@@ -92,6 +92,10 @@ async fn apps_reach_out_stay_apart_and_publish_only_declared_ports() -> Result<(
     )?;
     let mut opts = AgentOpts {
         netns: Some(NetWorld::netns_path(world.dev())),
+        // Fixed ports (the namespace is the test's own): they are in the rules, which must
+        // come out the same after a restart.
+        proxy_http: "[::]:18080".into(),
+        proxy_https: "[::]:18443".into(),
         ..opts_for(&registry.host())
     };
     opts.env.push((

@@ -160,6 +160,24 @@ async fn apps_are_served_over_https_by_name_with_the_device_ca() -> Result<()> {
     assert!(log.contains("\"GET / HTTP/1.1\" 200"), "{log}");
     assert!(log.contains(&one_host), "{log}");
 
+    // Apps reach each other by name through the proxy (the hosts file points the names at the
+    // device; the firewall lets apps reach the proxy's ports and nothing else of the device).
+    let (_, hosts) = exec(&c, "one", &["cat", "/etc/hosts"]).await?;
+    assert!(hosts.contains(&two_host), "{hosts}");
+    // (Over the proxy's plain-HTTP port: busybox's TLS client offers only suites the proxy
+    // refuses, so the HTTPS leg is shown by the clients above.)
+    let cmd = format!(
+        "printf 'GET /x HTTP/1.0\\r\\nHost: {two_host}\\r\\n\\r\\n' | timeout 10 nc {two_host} {}",
+        http.port()
+    );
+    let (code, out) = exec(&c, "one", &["sh", "-c", &cmd]).await?;
+    assert!(
+        code == 0
+            && out.starts_with("HTTP/1.0 308")
+            && out.contains(&format!("location: https://{two_host}:{}/x", https.port())),
+        "{code} {out}"
+    );
+
     // Apps trust the device: its CA is in their trust bundle, after the image's own.
     let (_, bundle) = exec(&c, "one", &["cat", "/etc/ssl/certs/ca-certificates.crt"]).await?;
     assert!(bundle.contains(ca.trim()), "{bundle}");

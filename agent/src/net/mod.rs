@@ -47,10 +47,6 @@ pub trait Wiring: Send + Sync {
     fn apply_rules(&self, batch: &str) -> io::Result<()>;
 }
 
-/// Ports of the shared services apps may reach on the gateway (none yet: the services
-/// capability fills this).
-const SERVICE_PORTS: &[(Protocol, u16)] = &[];
-
 pub struct Network {
     ula: Ula48,
     net: AppsNet,
@@ -58,7 +54,12 @@ pub struct Network {
     bridge: String,
     table: firewall::Table,
     resolv_conf: PathBuf,
+    /// Ports of the device's services apps may reach on the gateway (the proxy's, later the
+    /// shared database's and cache's).
+    services: Vec<(Protocol, u16)>,
     wiring: Box<dyn Wiring>,
+    /// Names every app's `/etc/hosts` maps to the device (the proxy's names of all apps).
+    shared_names: std::sync::RwLock<Vec<String>>,
     /// What the firewall's sets hold, as of the last successful update (`None`: unknown).
     applied: std::sync::Mutex<Option<Vec<AppRules>>>,
 }
@@ -66,8 +67,16 @@ pub struct Network {
 impl Network {
     /// The network of a device whose prefixes are `ula` and `net4`, through the kernel.
     /// Apps' DNS resolvers are taken from `resolv_conf` (the device's own).
-    pub fn new(ula: Ula48, net4: AppsNet4, resolv_conf: PathBuf) -> Network {
-        Network::with_wiring(ula, net4, resolv_conf, Box::new(netlink::Kernel::default()))
+    pub fn new(
+        ula: Ula48,
+        net4: AppsNet4,
+        resolv_conf: PathBuf,
+        services: Vec<(Protocol, u16)>,
+    ) -> Network {
+        let mut n =
+            Network::with_wiring(ula, net4, resolv_conf, Box::new(netlink::Kernel::default()));
+        n.services = services;
+        n
     }
 
     pub fn with_wiring(
@@ -87,6 +96,8 @@ impl Network {
             net4,
             ula,
             resolv_conf,
+            services: Vec::new(),
+            shared_names: std::sync::RwLock::new(Vec::new()),
             wiring,
             applied: std::sync::Mutex::new(None),
         }
@@ -130,7 +141,7 @@ impl Network {
         let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         *applied = None;
         self.wiring
-            .apply_rules(&self.table.rebuild(apps, SERVICE_PORTS).to_string())?;
+            .apply_rules(&self.table.rebuild(apps, &self.services).to_string())?;
         *applied = Some(apps.to_vec());
         Ok(())
     }
@@ -145,13 +156,13 @@ impl Network {
                 Some(b) => b,
                 None => return Ok(()),
             },
-            None => self.table.refill(apps, SERVICE_PORTS),
+            None => self.table.refill(apps, &self.services),
         };
         *applied = None;
         if let Err(e) = self.wiring.apply_rules(&batch.to_string()) {
             tracing::warn!(error = %e, "updating the firewall failed; making it anew");
             self.wiring
-                .apply_rules(&self.table.rebuild(apps, SERVICE_PORTS).to_string())?;
+                .apply_rules(&self.table.rebuild(apps, &self.services).to_string())?;
         }
         *applied = Some(apps.to_vec());
         Ok(())
@@ -185,6 +196,28 @@ impl Network {
             self.wiring.unwire(&name)?;
         }
         Ok(())
+    }
+
+    /// Sets the names every app's `/etc/hosts` maps to the device.
+    pub fn set_shared_names(&self, names: Vec<String>) {
+        *self.shared_names.write().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
+    /// The app's `/etc/hosts`: its own name on its addresses, and the names the device's
+    /// proxy serves (other apps, by their HTTPS names) on the gateway.
+    pub fn hosts_file(&self, app: &AppName, ipv4_host: u32) -> String {
+        let mut out = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{app}\n{}\t{app}\n",
+            self.app_address(app),
+            self.app_ipv4(ipv4_host)
+        );
+        let names = self.shared_names.read().unwrap_or_else(|e| e.into_inner());
+        if !names.is_empty() {
+            let names = names.join(" ");
+            out.push_str(&format!("{}\t{names}\n", self.net.gateway()));
+            out.push_str(&format!("{}\t{names}\n", self.net4.gateway()));
+        }
+        out
     }
 
     /// The app's `/etc/resolv.conf`: the device's resolvers that an app can reach (not the

@@ -468,6 +468,13 @@ impl Proxy {
         }
     }
 
+    /// Every name the proxy serves an app under.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = read(&self.routes).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// The proxy's counters for an app (`None`: the proxy does not serve it).
     pub fn traffic(&self, app: &AppName) -> Option<traffic::TrafficStats> {
         self.traffic

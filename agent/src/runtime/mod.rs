@@ -374,12 +374,8 @@ fn prepare_blocking(
     network
         .wire_app(name, plan.ipv4_host, &netns)
         .map_err(io("wire the app's network".into()))?;
-    let address = network.app_address(name);
-    let address4 = network.app_ipv4(plan.ipv4_host);
-    let hosts = format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{address}\t{name}\n{address4}\t{name}\n"
-    );
-    std::fs::write(paths.hosts(name), hosts).map_err(io("write hosts file".into()))?;
+    std::fs::write(paths.hosts(name), network.hosts_file(name, plan.ipv4_host))
+        .map_err(io("write hosts file".into()))?;
     std::fs::write(paths.resolv_conf(name), network.resolv_conf())
         .map_err(io("write resolv.conf".into()))?;
     // The app trusts what its image trusts, and the device (its proxy, the other apps).
