@@ -210,6 +210,14 @@ printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade
 exec cat
 "#;
 
+/// Answers with the request head it received, as the body.
+const ECHO_HEAD: &str = r#"#!/bin/sh
+h=""
+while read -r l; do l=$(printf %s "$l" | tr -d '\r'); [ -z "$l" ] && break; h="$h$l
+"; done
+printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' "${#h}" "$h"
+"#;
+
 /// Reads a request with a Content-Length, swallows the body, answers how much it got.
 const SINK: &str = r#"#!/bin/sh
 n=0
@@ -242,23 +250,26 @@ async fn upgrades_and_large_uploads_stream_through() -> Result<()> {
     c.install(&scripted(&w, "echo", ECHO_UPGRADE, ""), |_| {})
         .await?;
     c.install(&scripted(&w, "sink", SINK, ""), |_| {}).await?;
+    c.install(&scripted(&w, "head", ECHO_HEAD, ""), |_| {})
+        .await?;
     c.install(
         &scripted(&w, "small", SINK, "body_limit = \"1M\"\n"),
         |_| {},
     )
     .await?;
-    for app in ["echo", "sink", "small"] {
+    for app in ["echo", "sink", "small", "head"] {
         wait_running(&c, app).await?;
     }
     let host = |app: &str| format!("{app}-{}.local", info.device_name);
     let url = |app: &str| format!("https://{}:{}/", host(app), https.port());
-    let (echo, sink, small) = (host("echo"), host("sink"), host("small"));
+    let (echo, sink, small, head) = (host("echo"), host("sink"), host("small"), host("head"));
     let h1 = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
         .resolve(&echo, https)
         .resolve(&sink, https)
         .resolve(&small, https)
+        .resolve(&head, https)
         .http1_only()
         .build()?;
     // The app's server may need a moment after the container starts.
@@ -276,6 +287,44 @@ async fn upgrades_and_large_uploads_stream_through() -> Result<()> {
         },
     )
     .await?;
+
+    wait_for(
+        "the header-echo app",
+        std::time::Duration::from_secs(10),
+        || async {
+            Ok(h1
+                .get(url("head"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200))
+        },
+    )
+    .await?;
+    // What the app is told: who asked and how, the original Host, and none of the headers
+    // that belong to the client's connection.
+    let r = h1
+        .get(url("head"))
+        .header("x-forwarded-for", "198.51.100.7")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("x-app-header", "kept")
+        .send()
+        .await?;
+    let seen = r.text().await?.to_ascii_lowercase();
+    for line in [
+        format!("host: {head}:{}", https.port()),
+        "x-forwarded-for: 198.51.100.7, ::1".to_string(),
+        "x-forwarded-proto: https".to_string(),
+        format!("x-forwarded-host: {head}"),
+        format!("forwarded: for=\"[::1]\";proto=https;host=\"{head}\""),
+        "x-app-header: kept".to_string(),
+    ] {
+        assert!(seen.contains(&line), "missing {line:?} in\n{seen}");
+    }
+    for gone in ["x-hop", "keep-alive: timeout"] {
+        assert!(!seen.contains(gone), "{gone:?} reached the app:\n{seen}");
+    }
 
     // An upgrade (what WebSockets use) becomes a two-way byte stream to the app.
     let r = h1
