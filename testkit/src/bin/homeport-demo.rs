@@ -110,12 +110,28 @@ fn main() -> Result<()> {
         page.trim()
     );
     println!();
-    let address = {
+    let (address, url) = {
         let o = cli(&["--json", "inspect", "hello"])?;
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-        v["address"].as_str().unwrap_or_default().to_string()
+        (
+            v["address"].as_str().unwrap_or_default().to_string(),
+            v["url"].as_str().unwrap_or_default().to_string(),
+        )
     };
-    println!("Reach it at its own IPv6 address (every app gets one, so every app keeps its port):");
+    // The proxy's name for the app; the demo has no mDNS, so curl is told where it lives.
+    let (host, port) = url
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_string(), p.to_string()))
+        .unwrap_or_default();
+    let ca = data_dir.join("ca").join("ca.crt");
+    println!("Reach it through the device's HTTPS proxy, by name, trusting the device CA:");
+    println!(
+        "  curl --cacert {} --resolve {host}:{port}:127.0.0.1 {url}",
+        ca.display()
+    );
+    println!("Or at its own IPv6 address (every app gets one, so every app keeps its port):");
     println!("  curl http://[{address}]:8080/");
     println!("  {hp} exec hello -- wget -qO- http://127.0.0.1:8080/");
     println!();
