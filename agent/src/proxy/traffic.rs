@@ -78,6 +78,9 @@ impl Traffic {
     }
 }
 
+/// How long the writer waits between batches: lines reach the file at most this late.
+const BATCH_PAUSE: Duration = Duration::from_millis(20);
+
 /// Appends access-log lines to app log files from a thread of its own.
 pub struct AccessLog {
     tx: SyncSender<(PathBuf, String)>,
@@ -92,25 +95,35 @@ impl AccessLog {
                 // The files stay open: the agent rotates logs by copy and truncate, so an
                 // O_APPEND descriptor keeps writing to the live file.
                 let mut files: HashMap<PathBuf, File> = HashMap::new();
-                while let Ok((path, line)) = rx.recv() {
-                    if !files.contains_key(&path) {
-                        match OpenOptions::new().create(true).append(true).open(&path) {
-                            Ok(f) => {
-                                files.insert(path.clone(), f);
-                            }
-                            Err(e) => {
-                                tracing::debug!(path = %path.display(), error = %e, "access log");
-                                continue;
+                while let Ok(first) = rx.recv() {
+                    // Take what has gathered, one write per file; then pause, so that under
+                    // load senders rarely have to wake this thread (a wake-up per line cost
+                    // more than the rest of the logging together).
+                    let mut batch: HashMap<PathBuf, String> = HashMap::new();
+                    for (path, line) in std::iter::once(first).chain(rx.try_iter()) {
+                        batch.entry(path).or_default().push_str(&line);
+                    }
+                    for (path, text) in batch {
+                        if !files.contains_key(&path) {
+                            match OpenOptions::new().create(true).append(true).open(&path) {
+                                Ok(f) => {
+                                    files.insert(path.clone(), f);
+                                }
+                                Err(e) => {
+                                    tracing::debug!(path = %path.display(), error = %e, "access log");
+                                    continue;
+                                }
                             }
                         }
+                        let ok = files
+                            .get_mut(&path)
+                            .is_some_and(|f| f.write_all(text.as_bytes()).is_ok());
+                        if !ok {
+                            // Removed app or replaced file: open afresh next time.
+                            files.remove(&path);
+                        }
                     }
-                    let ok = files
-                        .get_mut(&path)
-                        .is_some_and(|f| f.write_all(line.as_bytes()).is_ok());
-                    if !ok {
-                        // Removed app or replaced file: open afresh next time.
-                        files.remove(&path);
-                    }
+                    std::thread::sleep(BATCH_PAUSE);
                 }
             })?;
         Ok(AccessLog { tx })
