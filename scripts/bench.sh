@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks (not tests): Homeport against crun and skopeo+umoci on this machine, in one run.
+# Benchmarks (not tests): Homeport against crun, skopeo+umoci and nginx on this machine, in one
+# run (`proxy` alone takes about three minutes).
 # Figures are printed and written to target/bench/NAME.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."

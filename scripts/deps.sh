@@ -9,6 +9,7 @@ pkgs=(
   nftables                               # the agent's firewall (libnftables1) and tests' nft
   pebble curl testssl.sh                 # tests: a real ACME server; HTTPS client; TLS scan
   crun iperf3                            # benchmarks: what we compare against
+  nginx wrk nghttp2-client               # benchmarks: the proxy against nginx, wrk, h2load
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -18,6 +19,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The benchmark runs nginx itself; a system nginx that the package started would hold port 80.
+  if [[ " ${missing[*]} " == *" nginx "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+  fi
 fi
 command -v cargo >/dev/null || { echo "deps: cargo is missing (install Rust with rustup)" >&2; exit 1; }
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

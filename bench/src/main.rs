@@ -2,7 +2,9 @@
 //! Figures go to `target/bench/NAME.json` and to stdout. Not tests: nothing here fails for
 //! being slow.
 //!
-//! `homeport-bench [start|pull|memory|network|throughput|all] [--bin-dir target/release]`
+//! `homeport-bench [start|pull|memory|network|throughput|proxy|all] [--bin-dir target/release]`
+
+mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,7 +23,7 @@ fn main() -> Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bin-dir" => bin_dir = args.next().context("--bin-dir needs a path")?.into(),
-            "start" | "pull" | "memory" | "network" | "throughput" | "all" => which = a,
+            "start" | "pull" | "memory" | "network" | "throughput" | "proxy" | "all" => which = a,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -44,6 +46,9 @@ fn main() -> Result<()> {
     }
     if which == "throughput" || which == "all" {
         throughput()?;
+    }
+    if which == "proxy" || which == "all" {
+        rt.block_on(proxy::proxy(&bins))?;
     }
     Ok(())
 }
@@ -292,6 +297,7 @@ fn device_network() -> Result<homeport::net::Network> {
         ula,
         Network::choose_net4(&ula)?,
         "/etc/resolv.conf".into(),
+        Vec::new(),
     ))
 }
 
