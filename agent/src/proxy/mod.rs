@@ -111,21 +111,32 @@ pub fn hostnames(app: &AppName, device: &str) -> [String; 2] {
 /// `Host` (or `:authority`) as a route key: lower case, without port and trailing dot.
 pub fn route_key(host: &str) -> Option<String> {
     let host = host.trim();
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        // An IPv6 literal: never a route, but well-formed.
-        return rest.split_once(']').map(|(a, _)| a.to_ascii_lowercase());
-    } else {
-        match host.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => host,
-        }
+    if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal: never a route, but well-formed only as `[addr]` or `[addr]:port`.
+        let (addr, after) = rest.split_once(']')?;
+        // The port may be empty (RFC 3986: `port = *DIGIT`).
+        let port_ok = after.is_empty()
+            || after
+                .strip_prefix(':')
+                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+        return port_ok
+            .then(|| addr.parse::<std::net::Ipv6Addr>().ok())
+            .flatten()
+            .map(|a| a.to_string());
+    }
+    let name = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
     };
     let name = name.strip_suffix('.').unwrap_or(name);
     let ok = !name.is_empty()
         && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
     ok.then(|| name.to_ascii_lowercase())
 }
 
@@ -930,7 +941,16 @@ mod tests {
             ("wiki-homeport.local:8443", Some("wiki-homeport.local")),
             ("wiki.homeport.home.arpa.", Some("wiki.homeport.home.arpa")),
             ("[::1]:443", Some("::1")),
+            ("[2001:DB8::1]", Some("2001:db8::1")),
             ("", None),
+            ("..", None),
+            ("wiki-homeport.local..", None),
+            ("a..b", None),
+            ("[]", None),
+            ("[wiki-homeport.local]:443", None),
+            ("[::1]x", None),
+            ("[::1]:", Some("::1")),
+            ("host:", Some("host")),
             ("bad host", None),
             ("a/b", None),
             ("x:y:z", None),
