@@ -2,7 +2,7 @@
 # Installs what building, testing and the demo need on Debian bookworm (as root).
 set -euo pipefail
 pkgs=(
-  gcc pkg-config libseccomp-dev          # build: libcontainer links libseccomp
+  gcc g++ pkg-config libseccomp-dev      # build: libcontainer links libseccomp; libFuzzer is C++
   docker-registry skopeo umoci           # tests: a real OCI registry, images built and pushed
   busybox-static apache2-utils openssl   # tests: image contents, htpasswd, token-auth keys
   ca-certificates util-linux iproute2    # mount, ip (the harness builds test networks)
