@@ -74,13 +74,21 @@ async fn crash_install_at(point: &str, present_after: bool) -> Result<()> {
         // The firewall lets nothing through to an app that is not installed.
         let info: homeport::api::types::AgentInfo = c.get("/v1/info").await?;
         let rules = std::process::Command::new("nft")
-            .args(["list", "table", "inet", &info.firewall_table])
+            .args(["-j", "list", "table", "inet", &info.firewall_table])
             .output()?;
-        let rules = String::from_utf8_lossy(&rules.stdout);
+        let rules: serde_json::Value = serde_json::from_slice(&rules.stdout)?;
+        let objects = rules["nftables"].as_array().cloned().unwrap_or_default();
         assert!(
-            rules.contains("chain forward") && !rules.contains("elements"),
+            objects.iter().any(|o| o["chain"]["name"] == "forward"),
             "{point}: {rules}"
         );
+        // Only the device's own services are listed; no app's address or port.
+        for o in &objects {
+            let set = o.get("set").or_else(|| o.get("map"));
+            if let Some(set) = set.filter(|s| s["name"] != "services") {
+                assert!(set.get("elem").is_none(), "{point}: {set}");
+            }
+        }
         assert_layers_consistent(&w.agent).await?;
         // And installing again just works.
         context(
