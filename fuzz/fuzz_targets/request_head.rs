@@ -11,7 +11,6 @@ use std::sync::OnceLock;
 use homeport_fuzz::{checked_forward_headers, checked_lookup, checked_route_key};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -69,17 +68,7 @@ async fn handle(
     client: IpAddr,
 ) -> Result<Response<Empty<Bytes>>, Infallible> {
     // As `Proxy::handle`: the request target's authority wins over `Host`.
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
-    let Some(host) = host else {
+    let Some(host) = homeport::proxy::request_host(&req).map(str::to_string) else {
         return Ok(status(StatusCode::BAD_REQUEST));
     };
     let key = checked_route_key(&host);

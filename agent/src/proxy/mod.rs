@@ -140,6 +140,15 @@ pub fn route_key(host: &str) -> Option<String> {
     ok.then(|| name.to_ascii_lowercase())
 }
 
+/// The host a request is for: the request target's authority (HTTP/2's `:authority`, or an
+/// absolute-form target), else the `Host` header.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
 /// Certificates for the names the device serves, issued by the device CA on first use and
 /// again when a third of their lifetime is left.
 struct Certs {
@@ -612,17 +621,7 @@ impl Proxy {
         peer: SocketAddr,
         https: bool,
     ) -> Response<ProxyBody> {
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            });
-        let Some(host) = host.as_deref().and_then(route_key) else {
+        let Some(host) = request_host(&req).and_then(route_key) else {
             return plain(
                 StatusCode::BAD_REQUEST,
                 "missing or malformed Host header\n",
