@@ -27,15 +27,23 @@ fn local(addr: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())))
 }
 
+/// The agent's client and info, where its proxy takes HTTPS (on ::1), and the device CA.
+async fn proxy_of(
+    w: &World,
+) -> Result<(homeport::api::client::Client, AgentInfo, SocketAddr, String)> {
+    let c = w.client();
+    let info: AgentInfo = c.get("/v1/info").await?;
+    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
+    let ca = c.text("/v1/ca.crt").await?;
+    Ok((c, info, https, ca))
+}
+
 #[tokio::test]
 async fn apps_are_served_over_https_by_name_with_the_device_ca() -> Result<()> {
     let w = World::new()?;
     push_hello(&w.registry, "hello", "2")?;
-    let c = w.client();
-    let info: AgentInfo = c.get("/v1/info").await?;
-    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
+    let (c, info, https, ca) = proxy_of(&w).await?;
     let http = local(info.proxy_http.as_deref().context("no http listener")?)?;
-    let ca = c.text("/v1/ca.crt").await?;
     assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
 
     let http_port = "[https]\nport = 8080\n";
@@ -243,10 +251,7 @@ fn rss_kib(pid: u32) -> u64 {
 async fn upgrades_and_large_uploads_stream_through() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let w = World::new()?;
-    let c = w.client();
-    let info: AgentInfo = c.get("/v1/info").await?;
-    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
-    let ca = c.text("/v1/ca.crt").await?;
+    let (c, info, https, ca) = proxy_of(&w).await?;
     c.install(&scripted(&w, "echo", ECHO_UPGRADE, ""), |_| {})
         .await?;
     c.install(&scripted(&w, "sink", SINK, ""), |_| {}).await?;
@@ -437,10 +442,7 @@ async fn raw_exchange(ca: &str, https: SocketAddr, name: &str, request: &[u8]) -
 async fn abusive_clients_are_cut_off_while_others_are_served() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let w = World::new()?;
-    let c = w.client();
-    let info: AgentInfo = c.get("/v1/info").await?;
-    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
-    let ca = c.text("/v1/ca.crt").await?;
+    let (c, info, https, ca) = proxy_of(&w).await?;
     c.install(
         &w.manifest("one", "hello:1", "[https]\nport = 8080\n"),
         |_| {},
@@ -574,10 +576,7 @@ async fn abusive_clients_are_cut_off_while_others_are_served() -> Result<()> {
 #[tokio::test]
 async fn static_paths_are_served_from_the_image_even_when_the_app_is_stopped() -> Result<()> {
     let w = World::new()?;
-    let c = w.client();
-    let info: AgentInfo = c.get("/v1/info").await?;
-    let https = local(info.proxy_https.as_deref().context("no https listener")?)?;
-    let ca = c.text("/v1/ca.crt").await?;
+    let (c, info, https, ca) = proxy_of(&w).await?;
     c.install(
         &w.manifest(
             "site",
