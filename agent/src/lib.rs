@@ -10,6 +10,7 @@ pub mod net;
 pub mod paths;
 pub mod proxy;
 pub mod runtime;
+pub mod services;
 pub mod store;
 
 /// Fault injection for the crash-safety tests: when `HOMEPORT_CRASHPOINT` names this point,

@@ -6,6 +6,7 @@
 //! Sections are separate structs so later capabilities (`[https]`, `[database]`, `[cache]`,
 //! `[[port]]`, `[health]`, `[[hook]]`) slot in beside `[env]`, `[[volume]]` and `[resources]`.
 
+pub mod compose;
 mod name;
 
 use std::collections::BTreeMap;

@@ -3,6 +3,7 @@
 //!
 //! Invariant: only `runtime/zygote.rs` calls libcontainer, and only inside the zygote process.
 
+pub mod idmap;
 pub mod logs;
 pub mod os;
 pub mod spec;

@@ -1,0 +1,1 @@
+//! docker-compose import (being written).

@@ -1,0 +1,1 @@
+//! Idmapped bind mounts for app volumes (being written).

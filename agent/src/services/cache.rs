@@ -1,0 +1,1 @@
+//! A per-app Redis-compatible cache (being written).

@@ -1,0 +1,1 @@
+//! The shared PostgreSQL server (being written).
