@@ -8,10 +8,12 @@
 
 pub mod compose;
 mod name;
+pub mod template;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -33,6 +35,110 @@ pub struct Manifest {
     pub https: Option<Https>,
     /// Raw ports besides HTTP (`[[port]]`).
     pub ports: Vec<Port>,
+    /// A database of its own on the device's shared PostgreSQL server.
+    pub database: Option<Database>,
+    /// A Redis-compatible cache of its own.
+    pub cache: Option<Cache>,
+    pub health: Option<Health>,
+    pub hooks: Vec<Hook>,
+    /// Further processes of the app (`[[container]]`): they share its address, volumes,
+    /// services and lifecycle.
+    pub containers: Vec<Container>,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Database {
+    pub variant: DbVariant,
+    pub permissions: DbPermissions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbVariant {
+    /// Any SQL database will do: the device provides PostgreSQL.
+    Sql,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbPermissions {
+    /// The app's role owns its database: it creates and alters its own tables.
+    Full,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cache {
+    /// The most the cache holds before it evicts the least recently used keys.
+    pub memory_bytes: u64,
+}
+
+/// The cache's size unless the manifest says otherwise.
+pub const DEFAULT_CACHE_MEMORY: u64 = 64 << 20;
+
+/// `[health]`: how the agent tells that a running app works.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failures after which the app is restarted.
+    pub retries: u32,
+    /// Failures in this time after a start do not count.
+    pub start_period: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// GET on the `[https]` port; healthy on 2xx and 3xx.
+    Http { path: String },
+    /// Run in the app's main container; healthy on exit status 0.
+    Command { args: Vec<String> },
+}
+
+/// `[[hook]]`: a command run to completion in a container of the app's at a lifecycle step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    pub when: HookWhen,
+    pub command: Vec<String>,
+    /// Whose image and settings the hook runs with (`None`: the app's main container).
+    pub container: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookWhen {
+    /// Once, when the app is installed: after its services exist, before its first start.
+    Install,
+    /// When an update moves the app to a new image or manifest, before the new version starts.
+    Upgrade,
+    /// Before every start of the app.
+    Start,
+}
+
+impl HookWhen {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookWhen::Install => "install",
+            HookWhen::Upgrade => "upgrade",
+            HookWhen::Start => "start",
+        }
+    }
+}
+
+/// `[[container]]`: one more process of the app.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Container {
+    pub name: String,
+    /// `None`: the app's image.
+    pub image: Option<ImageRef>,
+    pub command: Option<Vec<String>>,
+    /// Over the app's `[env]`.
+    pub env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +279,57 @@ struct Raw {
     https: Option<Spanned<RawHttps>>,
     #[serde(default)]
     port: Vec<Spanned<RawPort>>,
+    database: Option<Spanned<RawDatabase>>,
+    cache: Option<Spanned<RawCache>>,
+    health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    hook: Vec<Spanned<RawHook>>,
+    #[serde(default)]
+    container: Vec<Spanned<RawContainer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    variant: Option<Spanned<String>>,
+    permissions: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    variant: Option<Spanned<String>>,
+    memory: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    retries: Option<Spanned<i64>>,
+    start_period: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    when: Spanned<String>,
+    command: Spanned<Vec<String>>,
+    container: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContainer {
+    name: Spanned<String>,
+    image: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -208,7 +365,8 @@ struct RawResources {
 }
 
 /// Keys a manifest may have at the top level; named in the message for an unknown key.
-const TOP_LEVEL_KEYS: &str = "name, image, command, env, volume, resources, https, port";
+const TOP_LEVEL_KEYS: &str =
+    "name, image, command, env, volume, resources, https, port, database, cache, health, hook, container";
 
 impl Manifest {
     /// Parses and validates manifest text. Reports every semantic problem it finds.
@@ -258,25 +416,7 @@ impl Manifest {
             c.get_ref().clone()
         });
 
-        let mut env = BTreeMap::new();
-        for (k, v) in &raw.env {
-            let key = k.get_ref();
-            if !valid_env_name(key) {
-                p.push(
-                    k.span(),
-                    &format!("env.{key}"),
-                    "variable names are letters, digits and _, not starting with a digit".into(),
-                );
-            }
-            if v.get_ref().contains('\0') {
-                p.push(
-                    v.span(),
-                    &format!("env.{key}"),
-                    "value contains a NUL byte".into(),
-                );
-            }
-            env.insert(key.clone(), v.get_ref().clone());
-        }
+        let env = parse_env(&mut p, &raw.env, "env");
 
         let mut volumes: Vec<Volume> = Vec::new();
         for (i, v) in raw.volume.iter().enumerate() {
@@ -399,6 +539,62 @@ impl Manifest {
             })
         });
         let ports = parse_ports(&mut p, &raw.port, https.as_ref());
+        let database = raw
+            .database
+            .as_ref()
+            .and_then(|d| parse_database(&mut p, d));
+        let cache = raw.cache.as_ref().and_then(|c| parse_cache(&mut p, c));
+        let health = raw
+            .health
+            .as_ref()
+            .and_then(|h| parse_health(&mut p, h, https.is_some()));
+        let containers = parse_containers(&mut p, &raw.container);
+        let hooks = parse_hooks(&mut p, &raw.hook, &containers);
+
+        // Templates name only known variables, of sections the manifest has.
+        let has = |section: &str| match section {
+            "https" => raw.https.is_some(),
+            "database" => raw.database.is_some(),
+            "cache" => raw.cache.is_some(),
+            _ => false,
+        };
+        let mut texts: Vec<(Range<usize>, String, &str)> = Vec::new();
+        for (k, v) in &raw.env {
+            texts.push((v.span(), format!("env.{}", k.get_ref()), v.get_ref()));
+        }
+        if let Some(c) = &raw.command {
+            for a in c.get_ref() {
+                texts.push((c.span(), "command".into(), a));
+            }
+        }
+        for (i, c) in raw.container.iter().enumerate() {
+            let c = c.get_ref();
+            for (k, v) in &c.env {
+                texts.push((
+                    v.span(),
+                    format!("container[{i}].env.{}", k.get_ref()),
+                    v.get_ref(),
+                ));
+            }
+            if let Some(cmd) = &c.command {
+                for a in cmd.get_ref() {
+                    texts.push((cmd.span(), format!("container[{i}].command"), a));
+                }
+            }
+        }
+        for (i, h) in raw.hook.iter().enumerate() {
+            let h = h.get_ref();
+            for a in h.command.get_ref() {
+                texts.push((h.command.span(), format!("hook[{i}].command"), a));
+            }
+        }
+        for (span, key, text) in texts {
+            for u in template::uses(text) {
+                if let Some(why) = template::check(&u.variable, has) {
+                    p.push(span.clone(), &key, why);
+                }
+            }
+        }
 
         if !p.list.is_empty() {
             return Err(ManifestError { problems: p.list });
@@ -413,10 +609,360 @@ impl Manifest {
                 resources,
                 https,
                 ports,
+                database,
+                cache,
+                health,
+                hooks,
+                containers,
             }),
             _ => Err(ManifestError { problems: p.list }),
         }
     }
+
+    /// Every image the app runs: its own first, then its containers' own images.
+    pub fn images(&self) -> Vec<&ImageRef> {
+        let mut out = vec![&self.image];
+        for c in &self.containers {
+            if let Some(i) = &c.image {
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// The hooks run at `when`, in manifest order.
+    pub fn hooks_for(&self, when: HookWhen) -> impl Iterator<Item = &Hook> {
+        self.hooks.iter().filter(move |h| h.when == when)
+    }
+}
+
+fn parse_env(
+    p: &mut Problems,
+    raw: &BTreeMap<Spanned<String>, Spanned<String>>,
+    prefix: &str,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for (k, v) in raw {
+        let key = k.get_ref();
+        if !valid_env_name(key) {
+            p.push(
+                k.span(),
+                &format!("{prefix}.{key}"),
+                "variable names are letters, digits and _, not starting with a digit".into(),
+            );
+        }
+        if v.get_ref().contains('\0') {
+            p.push(
+                v.span(),
+                &format!("{prefix}.{key}"),
+                "value contains a NUL byte".into(),
+            );
+        }
+        env.insert(key.clone(), v.get_ref().clone());
+    }
+    env
+}
+
+fn parse_database(p: &mut Problems, raw: &Spanned<RawDatabase>) -> Option<Database> {
+    let d = raw.get_ref();
+    let variant = match d.variant.as_ref().map(|v| (v.span(), v.get_ref().as_str())) {
+        None | Some((_, "sql")) => Some(DbVariant::Sql),
+        Some((_, "postgres" | "postgresql")) => Some(DbVariant::Postgres),
+        Some((span, other @ ("mysql" | "mariadb" | "sqlite" | "mongodb"))) => {
+            p.push(
+                span,
+                "database.variant",
+                format!("{other:?} is not supported yet: the device provides PostgreSQL; use \"postgres\", or \"sql\" for any SQL database"),
+            );
+            None
+        }
+        Some((span, other)) => {
+            p.push(
+                span,
+                "database.variant",
+                format!("{other:?} is not a database variant: use \"postgres\" or \"sql\""),
+            );
+            None
+        }
+    };
+    let permissions = match d
+        .permissions
+        .as_ref()
+        .map(|v| (v.span(), v.get_ref().as_str()))
+    {
+        None | Some((_, "full")) => Some(DbPermissions::Full),
+        Some((span, other @ ("read-only" | "readonly" | "read-write" | "data"))) => {
+            p.push(
+                span,
+                "database.permissions",
+                format!("{other:?} is not supported yet: use \"full\" (the app owns its database)"),
+            );
+            None
+        }
+        Some((span, other)) => {
+            p.push(
+                span,
+                "database.permissions",
+                format!("{other:?} is not a permission: use \"full\" (the app owns its database)"),
+            );
+            None
+        }
+    };
+    Some(Database {
+        variant: variant?,
+        permissions: permissions?,
+    })
+}
+
+fn parse_cache(p: &mut Problems, raw: &Spanned<RawCache>) -> Option<Cache> {
+    let c = raw.get_ref();
+    let mut ok = true;
+    match c.variant.as_ref().map(|v| (v.span(), v.get_ref().as_str())) {
+        None | Some((_, "redis" | "valkey")) => {}
+        Some((span, "memcached")) => {
+            p.push(
+                span,
+                "cache.variant",
+                "\"memcached\" is not supported yet: use \"redis\"".into(),
+            );
+            ok = false;
+        }
+        Some((span, other)) => {
+            p.push(
+                span,
+                "cache.variant",
+                format!("{other:?} is not a cache variant: use \"redis\""),
+            );
+            ok = false;
+        }
+    }
+    let mut memory_bytes = DEFAULT_CACHE_MEMORY;
+    if let Some(m) = &c.memory {
+        match parse_size(m.get_ref()) {
+            Some(b) if b >= 1 << 20 => memory_bytes = b,
+            _ => {
+                p.push(
+                    m.span(),
+                    "cache.memory",
+                    format!(
+                        "{:?} is not a size of at least 1M: use a number with K, M or G (e.g. \"64M\")",
+                        m.get_ref()
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(Cache { memory_bytes })
+}
+
+fn parse_duration_key(
+    p: &mut Problems,
+    raw: Option<&Spanned<String>>,
+    key: &str,
+    default: Duration,
+) -> Option<Duration> {
+    let Some(r) = raw else {
+        return Some(default);
+    };
+    match parse_duration(r.get_ref()) {
+        Some(d) if !d.is_zero() => Some(d),
+        _ => {
+            p.push(
+                r.span(),
+                key,
+                format!(
+                    "{:?} is not a duration: use a number with ms, s, m or h (e.g. \"30s\")",
+                    r.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn parse_health(p: &mut Problems, raw: &Spanned<RawHealth>, has_https: bool) -> Option<Health> {
+    let h = raw.get_ref();
+    let check = match (&h.path, &h.command) {
+        (Some(path), None) => {
+            if !path.get_ref().starts_with('/') {
+                p.push(
+                    path.span(),
+                    "health.path",
+                    format!("{:?} must be a URL path starting with /", path.get_ref()),
+                );
+                None
+            } else if !has_https {
+                p.push(
+                    path.span(),
+                    "health.path",
+                    "an HTTP check needs an [https] section (or use command)".into(),
+                );
+                None
+            } else {
+                Some(HealthCheck::Http {
+                    path: path.get_ref().clone(),
+                })
+            }
+        }
+        (None, Some(cmd)) if !cmd.get_ref().is_empty() => Some(HealthCheck::Command {
+            args: cmd.get_ref().clone(),
+        }),
+        (None, Some(cmd)) => {
+            p.push(cmd.span(), "health.command", "must not be empty".into());
+            None
+        }
+        _ => {
+            p.push(
+                raw.span(),
+                "health",
+                "give exactly one of path (an HTTP check) or command".into(),
+            );
+            None
+        }
+    };
+    let interval = parse_duration_key(
+        p,
+        h.interval.as_ref(),
+        "health.interval",
+        Duration::from_secs(30),
+    );
+    let timeout = parse_duration_key(
+        p,
+        h.timeout.as_ref(),
+        "health.timeout",
+        Duration::from_secs(5),
+    );
+    let start_period = parse_duration_key(
+        p,
+        h.start_period.as_ref(),
+        "health.start_period",
+        Duration::from_secs(60),
+    );
+    let retries = match &h.retries {
+        None => Some(3),
+        Some(r) => match u32::try_from(*r.get_ref()) {
+            Ok(n) if (1..=100).contains(&n) => Some(n),
+            _ => {
+                p.push(r.span(), "health.retries", "must be 1 to 100".into());
+                None
+            }
+        },
+    };
+    Some(Health {
+        check: check?,
+        interval: interval?,
+        timeout: timeout?,
+        retries: retries?,
+        start_period: start_period?,
+    })
+}
+
+fn parse_containers(p: &mut Problems, raw: &[Spanned<RawContainer>]) -> Vec<Container> {
+    let mut out: Vec<Container> = Vec::new();
+    for (i, rc) in raw.iter().enumerate() {
+        let rc = rc.get_ref();
+        let key = format!("container[{i}]");
+        let name = rc.name.get_ref();
+        if !valid_container_name(name) {
+            p.push(
+                rc.name.span(),
+                &format!("{key}.name"),
+                format!("{name:?} is not a valid container name: use lower-case letters and digits, with single dashes inside (at most 16)"),
+            );
+        } else if out.iter().any(|c| &c.name == name) {
+            p.push(
+                rc.name.span(),
+                &format!("{key}.name"),
+                format!("container {name:?} is declared twice"),
+            );
+        }
+        let image = rc
+            .image
+            .as_ref()
+            .and_then(|i| match i.get_ref().parse::<ImageRef>() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    p.push(i.span(), &format!("{key}.image"), e.to_string());
+                    None
+                }
+            });
+        if let Some(c) = &rc.command {
+            if c.get_ref().is_empty() {
+                p.push(
+                    c.span(),
+                    &format!("{key}.command"),
+                    "must not be empty (omit it to use the image's)".into(),
+                );
+            }
+        }
+        let env = parse_env(p, &rc.env, &format!("{key}.env"));
+        out.push(Container {
+            name: name.clone(),
+            image,
+            command: rc.command.as_ref().map(|c| c.get_ref().clone()),
+            env,
+        });
+    }
+    out
+}
+
+fn parse_hooks(p: &mut Problems, raw: &[Spanned<RawHook>], containers: &[Container]) -> Vec<Hook> {
+    let mut out = Vec::new();
+    for (i, rh) in raw.iter().enumerate() {
+        let rh = rh.get_ref();
+        let key = format!("hook[{i}]");
+        let when = match rh.when.get_ref().as_str() {
+            "install" => Some(HookWhen::Install),
+            "upgrade" => Some(HookWhen::Upgrade),
+            "start" => Some(HookWhen::Start),
+            other => {
+                p.push(
+                    rh.when.span(),
+                    &format!("{key}.when"),
+                    format!("{other:?} is not a lifecycle step: use \"install\", \"upgrade\" or \"start\""),
+                );
+                None
+            }
+        };
+        if rh.command.get_ref().is_empty() {
+            p.push(
+                rh.command.span(),
+                &format!("{key}.command"),
+                "must not be empty".into(),
+            );
+        }
+        let container = rh.container.as_ref().map(|c| c.get_ref().clone());
+        if let Some(c) = &rh.container {
+            if !containers.iter().any(|o| &o.name == c.get_ref()) {
+                p.push(
+                    c.span(),
+                    &format!("{key}.container"),
+                    format!(
+                        "no [[container]] is named {:?} (omit it to use the app's own)",
+                        c.get_ref()
+                    ),
+                );
+            }
+        }
+        let timeout = parse_duration_key(
+            p,
+            rh.timeout.as_ref(),
+            &format!("{key}.timeout"),
+            Duration::from_secs(600),
+        );
+        if let (Some(when), Some(timeout)) = (when, timeout) {
+            out.push(Hook {
+                when,
+                command: rh.command.get_ref().clone(),
+                container,
+                timeout,
+            });
+        }
+    }
+    out
 }
 
 fn port_number(p: &mut Problems, n: &Spanned<i64>, key: &str) -> Option<u16> {
@@ -574,6 +1120,32 @@ fn valid_env_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Container names become part of a container id (`<app>--<name>`): a DNS-label-like word.
+fn valid_container_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 16
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && !s.ends_with('-')
+        && !s.contains("--")
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// "30s", "5m", "1h", "250ms" → a duration.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let n: u64 = s[..split].parse().ok()?;
+    let ms = match s[split..].trim() {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" | "min" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
 }
 
 fn valid_volume_name(s: &str) -> bool {
@@ -818,6 +1390,139 @@ pids = 64
         assert!(p[0].contains("80/tcp is already the [https] port"), "{p:?}");
         // An internal port may use a number the device keeps for LAN clients.
         Manifest::parse("name = \"a\"\nimage = \"x\"\n[[port]]\nport = 443\n").unwrap();
+    }
+
+    #[test]
+    fn services_health_hooks_and_containers() {
+        let m = Manifest::parse(
+            r#"
+name = "wiki"
+image = "reg/wiki:1"
+[https]
+port = 8080
+[database]
+variant = "postgres"
+[cache]
+memory = "32M"
+[env]
+WG_SERVER = "{{https.url}}"
+DB = "{{ database.url }}"
+TPL = "{{.Name}}"
+[health]
+path = "/health"
+interval = "10s"
+[[hook]]
+when = "install"
+command = ["sh", "-c", "install --db {{database.name}}"]
+[[hook]]
+when = "upgrade"
+command = ["migrate"]
+container = "worker"
+timeout = "5m"
+[[container]]
+name = "worker"
+image = "reg/worker:1"
+command = ["work"]
+[container.env]
+QUEUE = "{{cache.url}}"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m.database,
+            Some(Database {
+                variant: DbVariant::Postgres,
+                permissions: DbPermissions::Full
+            })
+        );
+        assert_eq!(
+            m.cache,
+            Some(Cache {
+                memory_bytes: 32 << 20
+            })
+        );
+        let h = m.health.as_ref().unwrap();
+        assert_eq!(
+            h.check,
+            HealthCheck::Http {
+                path: "/health".into()
+            }
+        );
+        assert_eq!((h.interval.as_secs(), h.retries), (10, 3));
+        assert_eq!(m.hooks.len(), 2);
+        assert_eq!(m.hooks_for(HookWhen::Install).count(), 1);
+        assert_eq!(m.hooks[1].container.as_deref(), Some("worker"));
+        assert_eq!(m.hooks[1].timeout.as_secs(), 300);
+        assert_eq!(m.containers[0].name, "worker");
+        assert_eq!(m.images().len(), 2);
+        // Defaults: any SQL database, a 64M cache.
+        let m = Manifest::parse("name = \"a\"\nimage = \"x\"\n[database]\n[cache]\n").unwrap();
+        assert_eq!(m.database.unwrap().variant, DbVariant::Sql);
+        assert_eq!(m.cache.unwrap().memory_bytes, DEFAULT_CACHE_MEMORY);
+    }
+
+    #[test]
+    fn service_and_template_problems_are_located_and_explained() {
+        let p = problems(
+            r#"name = "a"
+image = "x"
+[database]
+variant = "mysql"
+permissions = "read-only"
+[cache]
+variant = "memcached"
+[env]
+A = "{{database.pasword}}"
+B = "{{https.url}}"
+[health]
+path = "/"
+command = ["x"]
+[[hook]]
+when = "later"
+command = []
+container = "nope"
+[[container]]
+name = "Worker"
+[[container]]
+name = "w"
+command = ["{{app.nme}}"]
+"#,
+        );
+        let joined = p.join("\n");
+        for needle in [
+            "4:11: database.variant: \"mysql\" is not supported yet: the device provides PostgreSQL",
+            "5:15: database.permissions: \"read-only\" is not supported yet",
+            "7:11: cache.variant: \"memcached\" is not supported yet",
+            "9:5: env.A: unknown template variable {{database.pasword}}: use one of",
+            "10:5: env.B: {{https.url}} needs a [https] section",
+            "health: give exactly one of path",
+            "15:8: hook[0].when: \"later\" is not a lifecycle step",
+            "16:11: hook[0].command: must not be empty",
+            "17:13: hook[0].container: no [[container]] is named \"nope\"",
+            "19:8: container[0].name: \"Worker\" is not a valid container name",
+            "22:11: container[1].command: unknown template variable {{app.nme}}",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        for (input, ms) in [
+            ("30s", Some(30_000)),
+            ("250ms", Some(250)),
+            ("5m", Some(300_000)),
+            ("1h", Some(3_600_000)),
+            ("5", None),
+            ("s", None),
+            ("1d", None),
+        ] {
+            assert_eq!(
+                parse_duration(input).map(|d| d.as_millis() as u64),
+                ms,
+                "{input}"
+            );
+        }
     }
 
     #[test]
