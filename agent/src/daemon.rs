@@ -11,13 +11,19 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::types::{
-    AgentInfo, AppDetail, AppSummary, ImageInfo, Progress, PruneReport, RunState, VolumeInfo,
+    AgentInfo, AppDetail, AppSummary, HealthState, ImageInfo, Progress, PruneReport, RunState,
+    VolumeInfo,
 };
 use crate::images::{ImageError, Images};
 use crate::manifest::{AppName, Manifest, ManifestError};
 use crate::paths::Paths;
 use crate::runtime::{logs, spec, AppPlan, ExitStatus, Runtime, RuntimeError};
-use crate::store::{now_ms, AppRow, Desired, HistoryEntry, Phase, Store, StoreError};
+use crate::runtime::{ContainerPlan, Running};
+use crate::services::cache::{Cache, CacheConfig};
+use crate::services::postgres::{DbGrant, Postgres, PostgresConfig};
+use crate::store::{
+    now_ms, AppData, AppRow, ContainerImage, Desired, HistoryEntry, Phase, Store, StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -49,12 +55,37 @@ pub enum AgentError {
     },
     #[error("the firewall: {0}")]
     Firewall(std::io::Error),
+    #[error("{what}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the shared database")]
+    Postgres(#[from] crate::services::postgres::PostgresError),
+    #[error("app {app}: its cache")]
+    Cache {
+        app: String,
+        source: crate::services::cache::CacheError,
+    },
+    #[error("app {app}: its {when} hook {command:?} {status}; its output is in the app's log")]
+    HookFailed {
+        app: String,
+        when: &'static str,
+        command: String,
+        status: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, AgentError>;
 
 /// The device's name until the owner picks one: `<app>-homeport.local`.
 pub const DEFAULT_DEVICE_NAME: &str = "homeport";
+
+/// Where apps reach the shared PostgreSQL server, on the gateway's addresses.
+pub const POSTGRES_PORT: u16 = 5432;
+
+/// Slots of host user ids for volumes (`runtime::idmap`).
+const ID_SLOTS: u32 = crate::runtime::idmap::SLOTS;
 
 /// Who asked for a change; recorded in the history.
 #[derive(Debug, Clone)]
@@ -104,6 +135,8 @@ pub struct Config {
     pub resolv_conf: std::path::PathBuf,
     /// Where the reverse proxy listens.
     pub proxy: crate::proxy::ProxyConfig,
+    /// PostgreSQL's programs (`None`: the newest under /usr/lib/postgresql).
+    pub postgres_bin: Option<std::path::PathBuf>,
 }
 
 pub struct Agent {
@@ -124,6 +157,14 @@ struct Inner {
     /// Held from reading the apps' ports to recording the change that made the firewall
     /// differ, so two changes never apply sets computed from the same old state.
     rules: tokio::sync::Mutex<()>,
+    cgroup_parent: String,
+    /// The shared PostgreSQL server, started when the first app needs a database.
+    postgres: tokio::sync::OnceCell<Arc<Postgres>>,
+    postgres_bin: Option<std::path::PathBuf>,
+    /// The apps' cache servers, while their apps run.
+    caches: Mutex<HashMap<AppName, Arc<Cache>>>,
+    /// Volumes are mounted idmapped, owned on disk by each app's own id range.
+    idmap: bool,
 }
 
 struct Handle {
@@ -135,6 +176,8 @@ struct Handle {
 struct Status {
     run: RunState,
     restarts: u32,
+    /// `None`: the app has no `[health]` check or does not run.
+    health: Option<HealthState>,
 }
 
 enum Ctl {
@@ -195,10 +238,12 @@ impl Agent {
             proxy.set_acme(Some(cfg));
         }
         // Apps may reach the proxy on the device (to reach each other by name, over HTTPS).
+        // And the shared database, on the gateway's addresses.
         let services: Vec<(crate::manifest::Protocol, u16)> = [proxy.bound().0, proxy.bound().1]
             .into_iter()
             .flatten()
             .map(|a| (crate::manifest::Protocol::Tcp, a.port()))
+            .chain([(crate::manifest::Protocol::Tcp, POSTGRES_PORT)])
             .collect();
         let network = Arc::new(crate::net::Network::new(
             ula,
@@ -217,10 +262,19 @@ impl Agent {
         let runtime = Runtime::new(
             paths.clone(),
             network.clone(),
-            config.cgroup_parent,
+            config.cgroup_parent.clone(),
             &exe,
             proxy.ca_pem().to_string(),
         )?;
+        let probe = paths.tmp();
+        let idmap = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&probe).is_ok() && crate::runtime::idmap_supported(&probe)
+        })
+        .await
+        .unwrap_or(false);
+        if !idmap {
+            tracing::warn!("idmapped mounts do not work here: volumes are owned by the apps' users as they are inside");
+        }
         let inner = Arc::new(Inner {
             store,
             images,
@@ -233,6 +287,11 @@ impl Agent {
             apps: Mutex::default(),
             installing: Mutex::default(),
             rules: tokio::sync::Mutex::new(()),
+            cgroup_parent: config.cgroup_parent,
+            postgres: tokio::sync::OnceCell::new(),
+            postgres_bin: config.postgres_bin,
+            caches: Mutex::default(),
+            idmap,
         });
         inner.images.recover()?;
         inner.recover().await?;
@@ -389,17 +448,48 @@ impl Agent {
             .image
             .with_digest(pulled.resolved.clone())
             .to_string();
-        if pinned == row.pinned && text == row.manifest {
+        let containers = i.pull_containers(&manifest, progress).await?;
+        if pinned == row.pinned && text == row.manifest && containers == row.containers {
             return Ok(i.summary(&row));
         }
         // Refuse, before recording anything, an image whose config cannot be read.
         let new_row = AppRow {
             manifest: text.clone(),
             image_id: pulled.image_id,
+            pinned: pinned.clone(),
+            containers,
             ..row.clone()
         };
-        i.plan(&new_row)?;
+        let plan = i.plan(&new_row)?;
         crate::crashpoint("update:pulled");
+        if manifest.database.is_some() {
+            i.provision_database(&manifest).await?;
+        }
+        // Upgrade hooks (migrations) run against the new version with the old one stopped;
+        // if one fails, the old version starts again and nothing is recorded.
+        let hooks = manifest
+            .hooks_for(crate::manifest::HookWhen::Upgrade)
+            .next()
+            .is_some();
+        let was_running = row.desired == Desired::Running;
+        if hooks {
+            if was_running {
+                i.control(name, Ctl::Stop).await?;
+            }
+            let ran = async {
+                i.runtime.prepare(&plan).await?;
+                i.start_cache(&plan).await?;
+                i.run_hooks(&plan, crate::manifest::HookWhen::Upgrade).await
+            }
+            .await;
+            i.stop_cache(name).await;
+            if let Err(e) = ran {
+                if was_running {
+                    let _ = i.control(name, Ctl::Start).await;
+                }
+                return Err(e);
+            }
+        }
         // The firewall follows the new manifest's ports before the record: a crash between
         // the two is repaired at start, when the firewall is made anew from the store.
         let rules = i.rules.lock().await;
@@ -413,18 +503,19 @@ impl Agent {
         if text != row.manifest {
             detail.push_str("; manifest changed");
         }
-        if let Err(e) = i
-            .store
-            .update_app(name, &text, pulled.image_id, &pinned, &actor.0, &detail)
-        {
+        if let Err(e) = i.store.update_app(&new_row, &actor.0, &detail) {
             let _ = i.apply_rules(None).await;
             return Err(e.into());
         }
         drop(rules);
         i.refresh_routes()?;
+        if i.postgres.initialized() {
+            // A database the new version no longer declares is kept, without access.
+            i.postgres().await?.set_access(&i.db_grants(None)?).await?;
+        }
         tracing::info!(app = %name, %detail, "updated");
         crate::crashpoint("update:recorded");
-        if row.desired == Desired::Running {
+        if was_running {
             i.control(name, Ctl::Restart).await?;
         }
         Ok(i.summary(&i.installed(name)?))
@@ -583,6 +674,7 @@ impl Inner {
         let status = self.handle_state(&row.name).unwrap_or(Status {
             run: RunState::Stopped,
             restarts: 0,
+            health: None,
         });
         AppSummary {
             name: row.name.to_string(),
@@ -599,33 +691,307 @@ impl Inner {
             desired: row.desired,
             run: status.run,
             restarts: status.restarts,
+            health: status.health,
         }
     }
 
     fn plan(&self, row: &AppRow) -> Result<AppPlan> {
         let manifest = Manifest::parse(&row.manifest)?;
-        let image = self.store.image(row.image_id)?.ok_or_else(|| {
-            AgentError::BadRequest(format!(
-                "app {}: its image is missing from the store",
-                row.name
-            ))
-        })?;
-        let process = spec::ImageProcess::from_image_config(&image.config).map_err(|e| {
-            AgentError::BadRequest(format!(
-                "app {}: the image config cannot be read: {e}",
-                row.name
-            ))
-        })?;
-        Ok(AppPlan {
-            name: row.name.clone(),
-            manifest,
+        let name = &row.name;
+        let process = |image_id: i64| -> Result<spec::ImageProcess> {
+            let image = self.store.image(image_id)?.ok_or_else(|| {
+                AgentError::BadRequest(format!("app {name}: its image is missing from the store"))
+            })?;
+            spec::ImageProcess::from_image_config(&image.config).map_err(|e| {
+                AgentError::BadRequest(format!("app {name}: the image config cannot be read: {e}"))
+            })
+        };
+        // Taken at install; an app recorded before there were IPv4 nets gets one here.
+        let ipv4_host = self
+            .store
+            .allocate_ipv4(name, crate::net::AppsNet4::hosts())?;
+        let data = self.app_data(name)?;
+        let values = self.template_values(&manifest, ipv4_host, &data);
+        let render = |t: &String| crate::manifest::template::render(t, &values);
+        let render_all =
+            |v: &Option<Vec<String>>| v.as_ref().map(|v| v.iter().map(render).collect());
+        let mut env = standard_env(&values);
+        env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), render(v))));
+        let main = ContainerPlan {
+            name: None,
             layers: self.images.layer_dirs(row.image_id)?,
-            image: process,
-            // Taken at install; an app recorded before there were IPv4 nets gets one here.
-            ipv4_host: self
-                .store
-                .allocate_ipv4(&row.name, crate::net::AppsNet4::hosts())?,
+            image: process(row.image_id)?,
+            command: render_all(&manifest.command),
+            env: Default::default(),
+        };
+        let mut extra = Vec::new();
+        for c in &manifest.containers {
+            let image_id = row
+                .containers
+                .iter()
+                .find(|i| i.container == c.name)
+                .map_or(row.image_id, |i| i.image_id);
+            extra.push(ContainerPlan {
+                name: Some(c.name.clone()),
+                layers: self.images.layer_dirs(image_id)?,
+                image: process(image_id)?,
+                command: render_all(&c.command),
+                env: c.env.iter().map(|(k, v)| (k.clone(), render(v))).collect(),
+            });
+        }
+        Ok(AppPlan {
+            name: name.clone(),
+            ipv4_host,
+            env,
+            id_base: if self.idmap {
+                crate::runtime::idmap::slot_base(data.id_slot)
+            } else {
+                None
+            },
+            main,
+            extra,
+            manifest,
         })
+    }
+
+    /// The app's passwords and id slot, made at its first install.
+    fn app_data(&self, name: &AppName) -> Result<AppData> {
+        Ok(self.store.app_data_or_insert(
+            name,
+            ID_SLOTS,
+            crate::services::postgres::random_password,
+        )?)
+    }
+
+    /// The values of the manifest's template variables for this app.
+    fn template_values(
+        &self,
+        m: &Manifest,
+        ipv4_host: u32,
+        data: &AppData,
+    ) -> std::collections::BTreeMap<&'static str, String> {
+        let name = &m.name;
+        let mut v = std::collections::BTreeMap::from([
+            ("app.name", name.to_string()),
+            ("app.address", self.network.app_address(name).to_string()),
+            ("app.ipv4", self.network.app_ipv4(ipv4_host).to_string()),
+        ]);
+        if m.https.is_some() {
+            let url = match self.proxy.acme_config() {
+                Some(c) => format!("https://{name}.{}", c.domain),
+                None => self.proxy.url(name).trim_end_matches('/').to_string(),
+            };
+            let host = url
+                .trim_start_matches("https://")
+                .split(['/', ':'])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            v.insert("https.url", url);
+            v.insert("https.hostname", host);
+        }
+        if m.database.is_some() {
+            let host = self.network.apps_net4().gateway().to_string();
+            let db = db_ident(name);
+            v.insert(
+                "database.url",
+                format!(
+                    "postgresql://{db}:{}@{host}:{POSTGRES_PORT}/{db}",
+                    data.db_password
+                ),
+            );
+            v.insert("database.host", host);
+            v.insert("database.port", POSTGRES_PORT.to_string());
+            v.insert("database.name", db.clone());
+            v.insert("database.user", db);
+            v.insert("database.password", data.db_password.clone());
+        }
+        if m.cache.is_some() {
+            let port = crate::services::cache::PORT;
+            v.insert("cache.host", "127.0.0.1".into());
+            v.insert("cache.port", port.to_string());
+            v.insert("cache.password", data.cache_password.clone());
+            v.insert(
+                "cache.url",
+                format!("redis://:{}@127.0.0.1:{port}/0", data.cache_password),
+            );
+        }
+        v
+    }
+
+    /// Access to the shared database for every installed app that has one, and `extra` (an
+    /// app being installed).
+    fn db_grants(&self, extra: Option<&Manifest>) -> Result<Vec<DbGrant>> {
+        let mut manifests = Vec::new();
+        for row in self.store.apps()? {
+            if row.phase != Phase::Installed || extra.is_some_and(|m| m.name == row.name) {
+                continue;
+            }
+            manifests.push(Manifest::parse(&row.manifest)?);
+        }
+        manifests.extend(extra.cloned());
+        let mut grants = Vec::new();
+        for m in manifests.iter().filter(|m| m.database.is_some()) {
+            let data = self.app_data(&m.name)?;
+            let host = self
+                .store
+                .allocate_ipv4(&m.name, crate::net::AppsNet4::hosts())?;
+            grants.push(DbGrant {
+                database: db_ident(&m.name),
+                role: db_ident(&m.name),
+                password: data.db_password,
+                addresses: vec![
+                    self.network.app_ipv4(host).into(),
+                    self.network.app_address(&m.name).into(),
+                ],
+            });
+        }
+        Ok(grants)
+    }
+
+    /// The shared PostgreSQL server, started (or adopted) on first use.
+    async fn postgres(&self) -> Result<Arc<Postgres>> {
+        let pg = self
+            .postgres
+            .get_or_try_init(|| async {
+                // The server runs as its own user: it must pass through the data directory
+                // (to its own, which it alone may read).
+                for d in [self.paths.data().to_path_buf(), self.paths.services()] {
+                    use std::os::unix::fs::PermissionsExt;
+                    let io = |source| AgentError::Io {
+                        what: format!("make {} passable for the database server", d.display()),
+                        source,
+                    };
+                    std::fs::create_dir_all(&d).map_err(io)?;
+                    let mode = std::fs::metadata(&d).map_err(io)?.permissions().mode();
+                    if mode & 0o001 == 0 {
+                        std::fs::set_permissions(&d, std::fs::Permissions::from_mode((mode & 0o7770) | 0o001))
+                            .map_err(io)?;
+                    }
+                }
+                let grants = self.db_grants(None)?;
+                let config = PostgresConfig {
+                    dir: self.paths.services().join("postgres"),
+                    bin_dir: self.postgres_bin.clone(),
+                    listen: vec![
+                        self.network.apps_net4().gateway().into(),
+                        self.network.apps_net().gateway().into(),
+                    ],
+                    port: POSTGRES_PORT,
+                    cgroup_parent: Some(self.cgroup_parent.clone()),
+                };
+                Ok::<_, AgentError>(Postgres::start(config, &grants).await?)
+            })
+            .await?;
+        Ok(pg.clone())
+    }
+
+    /// Gives the app its database (idempotent) and lets exactly the apps with one in.
+    async fn provision_database(&self, manifest: &Manifest) -> Result<()> {
+        let pg = self.postgres().await?;
+        let grants = self.db_grants(Some(manifest))?;
+        if let Some(g) = grants.iter().find(|g| g.role == db_ident(&manifest.name)) {
+            pg.provision(g).await?;
+        }
+        pg.set_access(&grants).await?;
+        Ok(())
+    }
+
+    /// Starts (or adopts) the app's cache server inside its network namespace.
+    async fn start_cache(&self, plan: &AppPlan) -> Result<()> {
+        let Some(cache) = plan.manifest.cache else {
+            return Ok(());
+        };
+        let name = &plan.name;
+        if lock(&self.caches).contains_key(name) {
+            return Ok(());
+        }
+        let data = self.app_data(name)?;
+        let dir = self.paths.cache(name);
+        std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
+        let config = CacheConfig {
+            app: name.to_string(),
+            netns: self.paths.netns(name),
+            dir: self.paths.cache(name),
+            password: data.cache_password,
+            max_memory: cache.memory_bytes,
+            cgroup: Some((self.cgroup_parent.clone(), format!("{name}--cache"))),
+        };
+        let c = Cache::start(config)
+            .await
+            .map_err(|source| AgentError::Cache {
+                app: name.to_string(),
+                source,
+            })?;
+        // Its memory is the app's to account for, beside the app's own cgroups.
+        if let Err(e) = crate::services::postgres::place_in_cgroup(
+            &self.cgroup_parent,
+            &format!("{name}--cache"),
+            c.pid(),
+        ) {
+            tracing::warn!(app = %name, error = %e, "cannot put the cache into its cgroup");
+        }
+        lock(&self.caches).insert(name.clone(), Arc::new(c));
+        Ok(())
+    }
+
+    async fn stop_cache(&self, name: &AppName) {
+        let c = lock(&self.caches).remove(name);
+        if let Some(c) = c {
+            if let Err(e) = c.stop().await {
+                tracing::warn!(app = %name, error = %e, "cannot stop the app's cache");
+            }
+        }
+    }
+
+    /// Runs the manifest's hooks for `when`, in order; the first that fails ends the run.
+    async fn run_hooks(&self, plan: &AppPlan, when: crate::manifest::HookWhen) -> Result<()> {
+        let values =
+            self.template_values(&plan.manifest, plan.ipv4_host, &self.app_data(&plan.name)?);
+        for hook in plan.manifest.hooks_for(when) {
+            let c = match &hook.container {
+                None => &plan.main,
+                Some(n) => plan
+                    .extra
+                    .iter()
+                    .find(|c| c.name.as_deref() == Some(n.as_str()))
+                    .unwrap_or(&plan.main),
+            };
+            let args: Vec<String> = hook
+                .command
+                .iter()
+                .map(|a| crate::manifest::template::render(a, &values))
+                .collect();
+            tracing::info!(app = %plan.name, when = when.as_str(), command = ?hook.command, "running hook");
+            let _ = self.store.add_event(
+                &plan.name,
+                "hook",
+                &format!("{} hook {:?} started", when.as_str(), hook.command),
+            );
+            let status = self.runtime.run_hook(plan, c, args, hook.timeout).await?;
+            if status != ExitStatus::Code(0) {
+                let _ = self.store.add_event(
+                    &plan.name,
+                    "hook",
+                    &format!("{} hook {:?} {status}", when.as_str(), hook.command),
+                );
+                return Err(AgentError::HookFailed {
+                    app: plan.name.to_string(),
+                    when: when.as_str(),
+                    command: hook.command.join(" "),
+                    status: status.to_string(),
+                });
+            }
+            let _ = self.store.add_event(
+                &plan.name,
+                "hook",
+                &format!("{} hook {:?} succeeded", when.as_str(), hook.command),
+            );
+        }
+        Ok(())
     }
 
     /// Points the proxy at the installed apps that serve HTTP.
@@ -696,46 +1062,115 @@ impl Inner {
             desired: Desired::Running,
             created_at: now_ms(),
             updated_at: now_ms(),
+            containers: self.pull_containers(&manifest, progress).await?,
         };
+        // Data kept from an earlier install of this name is taken over, and kept on failure.
+        let fresh = self.store.app_data(&name)?.is_none_or(|d| !d.kept);
         let plan = self.plan(&row)?;
-        if let Err(e) = self.runtime.prepare(&plan).await {
+        let result = self.install_steps(&manifest, &plan, &row, actor).await;
+        if let Err(e) = result {
+            tracing::warn!(app = %name, error = %crate::api::chain(&e), "install failed; undoing it");
+            self.stop_cache(&name).await;
             let _ = self.runtime.teardown(&name).await;
-            return Err(e.into());
-        }
-        crate::crashpoint("install:prepared");
-        let detail = format!("installed {} pinned to {}", manifest.image, pulled.resolved);
-        // The firewall lets the app be reached before it is recorded; a crash in between is
-        // repaired at start (the firewall is made anew from the store).
-        let rules = self.rules.lock().await;
-        let recorded = match port_conflict(&self.store, &manifest) {
-            Ok(()) => match self.apply_rules(Some(&manifest)).await {
-                Ok(()) => {
-                    crate::crashpoint("install:allowed");
-                    self.store
-                        .insert_app(&row, &actor.0, &detail)
-                        .map_err(AgentError::from)
-                }
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
-        if let Err(e) = recorded {
-            let _ = self.apply_rules(None).await;
-            drop(rules);
-            let _ = self.runtime.teardown(&name).await;
+            if let Err(e) = self.forget_data(&manifest, fresh).await {
+                tracing::warn!(app = %name, error = %crate::api::chain(&e), "cannot remove the data of the failed install");
+            }
             return Err(e);
         }
-        drop(rules);
         self.refresh_routes()?;
         tracing::info!(app = %name, pinned = %pinned, "installed");
         crate::crashpoint("install:recorded");
-        let handle = self.spawn_supervisor(name.clone(), None);
+        // The cache started for the install hooks is the app's from now on.
+        let handle = self.spawn_supervisor(name.clone(), Vec::new());
         let (tx, rx) = oneshot::channel();
         if handle.send(Ctl::Start(tx)).await.is_ok() {
             // A failed first start is visible as state and events; the app is installed.
             let _ = rx.await;
         }
         Ok(self.summary(&row))
+    }
+
+    /// The steps of an install after the pull; on error the caller undoes what they did.
+    async fn install_steps(
+        self: &Arc<Self>,
+        manifest: &Manifest,
+        plan: &AppPlan,
+        row: &AppRow,
+        actor: &Actor,
+    ) -> Result<()> {
+        self.runtime.prepare(plan).await?;
+        crate::crashpoint("install:prepared");
+        if manifest.database.is_some() {
+            self.provision_database(manifest).await?;
+        }
+        crate::crashpoint("install:provisioned");
+        if manifest
+            .hooks_for(crate::manifest::HookWhen::Install)
+            .next()
+            .is_some()
+        {
+            self.start_cache(plan).await?;
+            self.run_hooks(plan, crate::manifest::HookWhen::Install)
+                .await?;
+        }
+        let detail = format!("installed {} pinned to {}", manifest.image, row.pinned);
+        // The firewall lets the app be reached before it is recorded; a crash in between is
+        // repaired at start (the firewall is made anew from the store).
+        let rules = self.rules.lock().await;
+        let recorded = match port_conflict(&self.store, manifest) {
+            Ok(()) => match self.apply_rules(Some(manifest)).await {
+                Ok(()) => {
+                    crate::crashpoint("install:allowed");
+                    self.store
+                        .insert_app(row, &actor.0, &detail)
+                        .map_err(AgentError::from)
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if recorded.is_err() {
+            let _ = self.apply_rules(None).await;
+        }
+        drop(rules);
+        recorded
+    }
+
+    /// Pulls the images of the manifest's containers that name one.
+    async fn pull_containers(
+        &self,
+        manifest: &Manifest,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<Vec<ContainerImage>> {
+        let mut out = Vec::new();
+        for c in &manifest.containers {
+            if let Some(image) = &c.image {
+                let pulled = self.images.pull(image, progress).await?;
+                out.push(ContainerImage {
+                    container: c.name.clone(),
+                    image_id: pulled.image_id,
+                    pinned: image.with_digest(pulled.resolved).to_string(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops what an app's data outside its volumes is (its database and role, its data
+    /// record) unless `drop` is false, in which case it is only left out of access.
+    async fn forget_data(&self, manifest: &Manifest, drop: bool) -> Result<()> {
+        let name = &manifest.name;
+        if manifest.database.is_some() || self.postgres.initialized() {
+            let pg = self.postgres().await?;
+            if drop {
+                pg.drop_database(&db_ident(name), &db_ident(name)).await?;
+            }
+            pg.set_access(&self.db_grants(None)?).await?;
+        }
+        if drop {
+            self.store.delete_app_data(name)?;
+        }
+        Ok(())
     }
 
     async fn control(
@@ -754,10 +1189,17 @@ impl Inner {
     }
 
     async fn remove(&self, name: &AppName, purge_data: bool) -> Result<()> {
+        let manifest = self
+            .store
+            .app(name)?
+            .map(|r| Manifest::parse(&r.manifest))
+            .transpose()?;
         if lock(&self.apps).contains_key(name) {
             let _ = self.control(name, Ctl::Shutdown).await;
             lock(&self.apps).remove(name);
         }
+        self.stop_cache(name).await;
+        kill_stale_cache(&self.paths.cache(name));
         self.runtime.teardown(name).await?;
         {
             // The app is marked as being removed, so its rules are left out.
@@ -777,6 +1219,12 @@ impl Inner {
                     .into());
                 }
             }
+        } else {
+            self.store.set_data_kept(name, true)?;
+        }
+        if let Some(m) = &manifest {
+            // The app is marked as being removed: its access is gone with this.
+            self.forget_data(m, purge_data).await?;
         }
         self.store.delete_app(name)?;
         self.refresh_routes()?;
@@ -810,7 +1258,7 @@ impl Inner {
             .collect();
         Ok(AppDetail {
             summary: self.summary(&row),
-            command: spec::args(&plan.image, plan.manifest.command.as_deref()),
+            command: spec::args(&plan.main.image, plan.main.command.as_deref()),
             manifest: row.manifest.clone(),
             image_digest: image.map(|i| i.digest.to_string()).unwrap_or_default(),
             image_bytes,
@@ -854,7 +1302,8 @@ impl Inner {
     }
 
     /// At start: finish interrupted removals, drop app dirs no row owns (an install killed
-    /// half way), then re-adopt running apps or start those that should run.
+    /// half way) with the data that install made, then re-adopt running apps or start those
+    /// that should run.
     async fn recover(self: &Arc<Self>) -> Result<()> {
         let rows = self.store.apps()?;
         let known: std::collections::HashSet<String> =
@@ -867,6 +1316,7 @@ impl Inner {
                 }
                 if let Ok(name) = AppName::try_from(dir.as_str()) {
                     tracing::info!(app = %name, "removing what an interrupted install left");
+                    kill_stale_cache(&self.paths.cache(&name));
                     self.runtime.teardown(&name).await?;
                     // Volume dirs made by that install are empty; data of earlier apps is not.
                     let vols = self.paths.app_volumes(&name);
@@ -879,6 +1329,32 @@ impl Inner {
                 }
             }
         }
+        // Databases of installs that did not finish (their data records say so).
+        let unowned = self.store.unowned_app_data()?;
+        if !unowned.is_empty() && self.paths.services().join("postgres").exists() {
+            let pg = self.postgres().await?;
+            for app in &unowned {
+                if let Ok(name) = AppName::try_from(app.as_str()) {
+                    tracing::info!(app = %name, "dropping the database of an interrupted install");
+                    pg.drop_database(&db_ident(&name), &db_ident(&name)).await?;
+                }
+            }
+            pg.set_access(&self.db_grants(None)?).await?;
+        }
+        for app in &unowned {
+            if let Ok(name) = AppName::try_from(app.as_str()) {
+                self.store.delete_app_data(&name)?;
+            }
+        }
+        // Apps with a database need the server before they start.
+        let needs_db = rows.iter().any(|r| {
+            r.phase == Phase::Installed
+                && Manifest::parse(&r.manifest).is_ok_and(|m| m.database.is_some())
+        });
+        if needs_db {
+            let pg = self.postgres().await?;
+            pg.set_access(&self.db_grants(None)?).await?;
+        }
         for row in rows {
             let name = row.name.clone();
             if row.phase == Phase::Removing {
@@ -886,54 +1362,70 @@ impl Inner {
                 self.remove(&name, false).await?;
                 continue;
             }
-            let state = self.runtime.state(&name).await?;
-            let alive = state
-                .as_ref()
-                .and_then(|s| s.pid.filter(|_| s.status == "running"));
-            match (row.desired, alive) {
-                (Desired::Running, Some(pid)) => {
+            let plan = self.plan(&row);
+            let mut running: Running = Vec::new();
+            let mut complete = true;
+            let ids: Vec<String> = match &plan {
+                Ok(p) => p.containers().map(|c| c.id(&name)).collect(),
+                Err(_) => vec![name.to_string()],
+            };
+            for id in ids {
+                let state = self.runtime.container_state(&name, &id).await?;
+                match state.and_then(|s| s.pid.filter(|_| s.status == "running")) {
+                    Some(pid) => running.push((id, pid)),
+                    None => complete = false,
+                }
+            }
+            match (row.desired, running.is_empty()) {
+                (Desired::Running, false) => {
                     // Running on a rootfs the app has moved on from (an update cut short
-                    // between its record and the restart): restart it on the new one, and
+                    // between its record and the restart), or only in part: restart it, and
                     // say "starting" until then.
-                    let current = self
-                        .plan(&row)
-                        .is_ok_and(|p| crate::runtime::rootfs_is_current(&self.paths, &p));
-                    if current {
-                        tracing::info!(app = %name, pid, "re-adopted running app");
-                        self.spawn_supervisor(name, Some(pid));
+                    let current = plan
+                        .as_ref()
+                        .is_ok_and(|p| crate::runtime::rootfs_is_current(&self.paths, p));
+                    if let Ok(p) = &plan {
+                        if let Err(e) = self.start_cache(p).await {
+                            tracing::warn!(app = %name, error = %crate::api::chain(&e), "cannot adopt the app's cache");
+                            complete = false;
+                        }
+                    }
+                    if current && complete {
+                        tracing::info!(app = %name, ?running, "re-adopted running app");
+                        self.spawn_supervisor(name, running);
                     } else {
-                        tracing::info!(app = %name, pid, "re-adopted app runs an older version; restarting it");
-                        let ctl = self.spawn_supervisor_in(name, Some(pid), RunState::Starting);
+                        tracing::info!(app = %name, "re-adopted app runs an older version or in part; restarting it");
+                        let ctl = self.spawn_supervisor_in(name, running, RunState::Starting);
                         let (tx, _rx) = oneshot::channel();
                         let _ = ctl.send(Ctl::Restart(tx)).await;
                     }
                 }
-                (Desired::Running, None) => {
-                    let ctl = self.spawn_supervisor(name, None);
+                (Desired::Running, true) => {
+                    let ctl = self.spawn_supervisor(name, Vec::new());
                     let (tx, _rx) = oneshot::channel();
                     let _ = ctl.send(Ctl::Start(tx)).await;
                 }
-                (Desired::Stopped, Some(pid)) => {
+                (Desired::Stopped, false) => {
                     // Stopped by its owner while the agent was down mid-stop: finish the stop.
-                    self.runtime.stop(&name, Some(pid), self.stop_grace).await?;
-                    self.spawn_supervisor(name, None);
+                    self.runtime
+                        .stop(&name, &running, &[], self.stop_grace)
+                        .await?;
+                    kill_stale_cache(&self.paths.cache(&name));
+                    self.spawn_supervisor(name, Vec::new());
                 }
-                (Desired::Stopped, None) => {
-                    self.spawn_supervisor(name, None);
+                (Desired::Stopped, true) => {
+                    kill_stale_cache(&self.paths.cache(&name));
+                    self.spawn_supervisor(name, Vec::new());
                 }
             }
         }
         Ok(())
     }
 
-    fn spawn_supervisor(
-        self: &Arc<Self>,
-        name: AppName,
-        adopted: Option<i32>,
-    ) -> mpsc::Sender<Ctl> {
-        let initial = match adopted {
-            Some(pid) => RunState::Running {
-                pid,
+    fn spawn_supervisor(self: &Arc<Self>, name: AppName, adopted: Running) -> mpsc::Sender<Ctl> {
+        let initial = match adopted.first() {
+            Some((_, pid)) => RunState::Running {
+                pid: *pid,
                 since: now_ms(),
             },
             None => RunState::Stopped,
@@ -944,13 +1436,14 @@ impl Inner {
     fn spawn_supervisor_in(
         self: &Arc<Self>,
         name: AppName,
-        adopted: Option<i32>,
+        adopted: Running,
         initial: RunState,
     ) -> mpsc::Sender<Ctl> {
         let (ctl_tx, ctl_rx) = mpsc::channel(8);
         let (state_tx, state_rx) = watch::channel(Status {
             run: initial,
             restarts: 0,
+            health: None,
         });
         lock(&self.apps).insert(
             name.clone(),
@@ -963,13 +1456,65 @@ impl Inner {
             inner: self.clone(),
             name,
             state: state_tx,
-            pid: adopted,
+            running: adopted,
             restarts: 0,
             streak: 0,
+            health: None,
+            failures: 0,
         };
         tokio::spawn(sup.run(ctl_rx));
         ctl_tx
     }
+}
+
+/// Kills an app's cache server left running without its app (its pidfile in `dir` names a
+/// live `redis-server`).
+fn kill_stale_cache(dir: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(dir.join(crate::services::cache::PIDFILE)) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim().starts_with("redis-server") || comm.trim().starts_with("valkey-server") {
+        tracing::info!(pid, "stopping a cache server left without its app");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = std::fs::remove_file(dir.join(crate::services::cache::PIDFILE));
+}
+
+/// The app's database and role in the shared server: `app_<name>` (dashes become `_`), so no
+/// app name can be `postgres` or another built-in role.
+pub fn db_ident(name: &AppName) -> String {
+    format!("app_{}", name.as_str().replace('-', "_"))
+}
+
+/// Variables every app gets, from the template values of its sections.
+fn standard_env(
+    values: &std::collections::BTreeMap<&'static str, String>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut env = std::collections::BTreeMap::new();
+    for (var, key) in [
+        ("HOMEPORT_APP", "app.name"),
+        ("HOMEPORT_URL", "https.url"),
+        ("HOMEPORT_HOSTNAME", "https.hostname"),
+        ("DATABASE_URL", "database.url"),
+        ("PGHOST", "database.host"),
+        ("PGPORT", "database.port"),
+        ("PGUSER", "database.user"),
+        ("PGPASSWORD", "database.password"),
+        ("PGDATABASE", "database.name"),
+        ("REDIS_URL", "cache.url"),
+    ] {
+        if let Some(v) = values.get(key) {
+            env.insert(var.to_string(), v.clone());
+        }
+    }
+    env
 }
 
 /// Delay before restart number `streak` (0-based) of a crashing app: 1 s doubling to 60 s.
@@ -981,24 +1526,43 @@ pub fn backoff(streak: u32) -> Duration {
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const LOG_CHECK: Duration = Duration::from_secs(5);
 
-type ExitFuture = Pin<Box<dyn Future<Output = ExitStatus> + Send>>;
+/// Which container (or `cache`) ended, and how.
+type ExitFuture = Pin<Box<dyn Future<Output = (String, ExitStatus)> + Send>>;
 
 struct Supervisor {
     inner: Arc<Inner>,
     name: AppName,
     state: watch::Sender<Status>,
-    pid: Option<i32>,
+    /// What runs of the app, main container first (empty: nothing runs).
+    running: Running,
     restarts: u32,
     /// Consecutive quick crashes; sets the backoff.
     streak: u32,
+    /// The `[health]` check of the version that runs, and its state.
+    health: Option<(crate::manifest::Health, tokio::time::Instant)>,
+    /// Consecutive failed health checks.
+    failures: u32,
 }
 
 impl Supervisor {
     fn set(&self, run: RunState) {
+        let health = match (&run, &self.health) {
+            (RunState::Running { .. }, Some(_)) => Some(if self.failures > 0 {
+                HealthState::Unhealthy
+            } else {
+                self.state.borrow().health.unwrap_or(HealthState::Starting)
+            }),
+            _ => None,
+        };
         self.state.send_replace(Status {
             run,
             restarts: self.restarts,
+            health,
         });
+    }
+
+    fn set_health(&self, health: HealthState) {
+        self.state.send_modify(|s| s.health = Some(health));
     }
 
     fn event(&self, kind: &str, message: &str) {
@@ -1008,9 +1572,44 @@ impl Supervisor {
     }
 
     fn exit_future(&self) -> Option<ExitFuture> {
-        let pid = self.pid?;
-        let inner = self.inner.clone();
-        Some(Box::pin(async move { inner.runtime.wait(pid).await }))
+        if self.running.is_empty() {
+            return None;
+        }
+        let waits: Vec<ExitFuture> = self
+            .running
+            .iter()
+            .map(|(id, pid)| {
+                let (inner, id, pid) = (self.inner.clone(), id.clone(), *pid);
+                Box::pin(async move { (id, inner.runtime.wait(pid).await) }) as _
+            })
+            .collect();
+        let cache = lock(&self.inner.caches).get(&self.name).cloned();
+        Some(Box::pin(async move {
+            let cache_exit = async move {
+                match cache {
+                    Some(c) => {
+                        let st = c.wait().await;
+                        let st = match st {
+                            Some(s) => match s.code() {
+                                Some(c) => ExitStatus::Code(c),
+                                None => ExitStatus::Unknown,
+                            },
+                            None => ExitStatus::Unknown,
+                        };
+                        ("cache".to_string(), st)
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ((id, st), _, _) = futures_util::future::select_all(waits) => (id, st),
+                r = cache_exit => r,
+            }
+        }))
+    }
+
+    fn main_pid(&self) -> Option<i32> {
+        self.running.first().map(|(_, pid)| *pid)
     }
 
     async fn run(mut self, mut ctl: mpsc::Receiver<Ctl>) {
@@ -1018,6 +1617,15 @@ impl Supervisor {
         let mut started_at = tokio::time::Instant::now();
         let mut restart_at: Option<tokio::time::Instant> = None;
         let mut log_tick = tokio::time::interval(LOG_CHECK);
+        if !self.running.is_empty() {
+            // Adopted: its health check applies from now.
+            if let Ok(row) = self.inner.installed(&self.name) {
+                if let Ok(m) = Manifest::parse(&row.manifest) {
+                    self.health = m.health.map(|h| (h, tokio::time::Instant::now()));
+                }
+            }
+        }
+        let mut health_at = self.next_health_check();
         loop {
             tokio::select! {
                 msg = ctl.recv() => {
@@ -1025,11 +1633,11 @@ impl Supervisor {
                     match msg {
                         Ctl::Start(reply) => {
                             restart_at = None;
-                            let r = if self.pid.is_some() { Ok(()) } else { self.start().await };
+                            let r = if self.running.is_empty() { self.start().await } else { Ok(()) };
                             exit = self.exit_future();
                             started_at = tokio::time::Instant::now();
                             if let Err(e) = &r {
-                                restart_at = Some(self.crashed(&format!("start failed: {}", crate::api::chain(&e))));
+                                restart_at = Some(self.crashed(&format!("start failed: {}", crate::api::chain(&e))).await);
                             }
                             let _ = reply.send(r);
                         }
@@ -1055,15 +1663,23 @@ impl Supervisor {
                             return;
                         }
                     }
+                    health_at = self.next_health_check();
                 }
-                status = async { exit.as_mut().expect("guarded").await }, if exit.is_some() => {
+                (id, status) = async { exit.as_mut().expect("guarded").await }, if exit.is_some() => {
                     exit = None;
-                    self.pid = None;
                     if started_at.elapsed() >= HEALTHY_RUN {
                         self.streak = 0;
                     }
-                    tracing::warn!(app = %self.name, %status, "app exited");
-                    restart_at = Some(self.crashed(&status.to_string()));
+                    tracing::warn!(app = %self.name, container = %id, %status, "app exited");
+                    // The app runs as one: what is left of it stops, then all of it restarts.
+                    let _ = self.stop().await;
+                    let what = if id == self.name.as_str() {
+                        status.to_string()
+                    } else {
+                        format!("{id} {status}")
+                    };
+                    restart_at = Some(self.crashed(&what).await);
+                    health_at = None;
                 }
                 _ = async { tokio::time::sleep_until(restart_at.expect("guarded")).await }, if restart_at.is_some() => {
                     restart_at = None;
@@ -1072,7 +1688,18 @@ impl Supervisor {
                     exit = self.exit_future();
                     started_at = tokio::time::Instant::now();
                     if let Err(e) = r {
-                        restart_at = Some(self.crashed(&format!("start failed: {}", crate::api::chain(&e))));
+                        restart_at = Some(self.crashed(&format!("start failed: {}", crate::api::chain(&e))).await);
+                    }
+                    health_at = self.next_health_check();
+                }
+                _ = async { tokio::time::sleep_until(health_at.expect("guarded")).await }, if health_at.is_some() => {
+                    let restart = self.check_health().await;
+                    health_at = self.next_health_check();
+                    if restart {
+                        drop(exit.take());
+                        let _ = self.stop().await;
+                        restart_at = Some(self.crashed("unhealthy").await);
+                        health_at = None;
                     }
                 }
                 _ = log_tick.tick() => {
@@ -1086,8 +1713,129 @@ impl Supervisor {
         }
     }
 
+    /// When the next health check is due (`None`: no check, or nothing runs).
+    fn next_health_check(&self) -> Option<tokio::time::Instant> {
+        let (h, _) = self.health.as_ref()?;
+        if self.running.is_empty() {
+            return None;
+        }
+        Some(tokio::time::Instant::now() + h.interval)
+    }
+
+    /// Runs the health check once; true when the app is to be restarted.
+    async fn check_health(&mut self) -> bool {
+        let Some((h, since)) = self.health.clone() else {
+            return false;
+        };
+        let result = tokio::time::timeout(h.timeout, self.probe(&h.check)).await;
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(why)) => Some(why),
+            Err(_) => Some(format!("no answer in {}s", h.timeout.as_secs())),
+        };
+        match failure {
+            None => {
+                if self.failures > 0 || self.state.borrow().health != Some(HealthState::Healthy) {
+                    self.event("health", "healthy");
+                }
+                self.failures = 0;
+                self.set_health(HealthState::Healthy);
+                false
+            }
+            // Failures while the app starts up do not count.
+            Some(_)
+                if since.elapsed() < h.start_period
+                    && self.state.borrow().health != Some(HealthState::Healthy) =>
+            {
+                false
+            }
+            Some(why) => {
+                self.failures += 1;
+                self.set_health(HealthState::Unhealthy);
+                self.event(
+                    "health",
+                    &format!(
+                        "health check failed ({}/{}): {why}",
+                        self.failures, h.retries
+                    ),
+                );
+                tracing::warn!(app = %self.name, failures = self.failures, %why, "health check failed");
+                self.failures >= h.retries
+            }
+        }
+    }
+
+    async fn probe(&self, check: &crate::manifest::HealthCheck) -> std::result::Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        match check {
+            crate::manifest::HealthCheck::Http { path } => {
+                let row = self
+                    .inner
+                    .installed(&self.name)
+                    .map_err(|e| e.to_string())?;
+                let port = Manifest::parse(&row.manifest)
+                    .ok()
+                    .and_then(|m| m.https)
+                    .map(|h| h.port)
+                    .ok_or("no [https] port")?;
+                let addr =
+                    std::net::SocketAddr::from((self.inner.network.app_address(&self.name), port));
+                let mut stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("connect to port {port}: {e}"))?;
+                let host = self.inner.proxy.url(&self.name);
+                let host = host.trim_start_matches("https://").trim_end_matches('/');
+                stream
+                    .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: homeport-health\r\nConnection: close\r\n\r\n").as_bytes())
+                    .await
+                    .map_err(|e| format!("send the request: {e}"))?;
+                let mut head = [0u8; 64];
+                let n = stream
+                    .read(&mut head)
+                    .await
+                    .map_err(|e| format!("read the answer: {e}"))?;
+                let line = String::from_utf8_lossy(&head[..n]);
+                let code: u16 = line
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "not an HTTP answer: {:?}",
+                            line.lines().next().unwrap_or("")
+                        )
+                    })?;
+                if (200..400).contains(&code) {
+                    Ok(())
+                } else {
+                    Err(format!("GET {path} answered {code}"))
+                }
+            }
+            crate::manifest::HealthCheck::Command { args } => {
+                use std::os::fd::AsRawFd;
+                let null = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                    .map_err(|e| e.to_string())?;
+                let fd = null.as_raw_fd();
+                let pid = self
+                    .inner
+                    .runtime
+                    .exec(&self.name, args.clone(), [fd, fd, fd])
+                    .await
+                    .map_err(|e| crate::api::chain(&e))?;
+                drop(null);
+                match self.inner.runtime.wait(pid).await {
+                    ExitStatus::Code(0) => Ok(()),
+                    other => Err(format!("{args:?} {other}")),
+                }
+            }
+        }
+    }
+
     /// Records a crash and returns when to restart.
-    fn crashed(&mut self, reason: &str) -> tokio::time::Instant {
+    async fn crashed(&mut self, reason: &str) -> tokio::time::Instant {
         let delay = backoff(self.streak);
         self.streak = self.streak.saturating_add(1);
         self.event(
@@ -1107,26 +1855,51 @@ impl Supervisor {
         let row = self.inner.installed(&self.name)?;
         let plan = self.inner.plan(&row)?;
         self.inner.runtime.prepare(&plan).await?;
+        self.inner.runtime.remove_dropped(&plan).await?;
+        if plan.manifest.database.is_some() {
+            // Supervised on its own; here only made sure of (started after a first install).
+            self.inner.postgres().await?;
+        }
+        self.inner.start_cache(&plan).await?;
+        self.inner
+            .run_hooks(&plan, crate::manifest::HookWhen::Start)
+            .await?;
         let prepared = t0.elapsed();
-        let pid = self.inner.runtime.start(&self.name).await?;
+        self.running = self.inner.runtime.start(&plan).await?;
         tracing::debug!(app = %self.name, ?prepared, total = ?t0.elapsed(), "start timing");
-        self.pid = Some(pid);
+        self.health = plan
+            .manifest
+            .health
+            .clone()
+            .map(|h| (h, tokio::time::Instant::now()));
+        self.failures = 0;
+        self.state.send_modify(|s| s.health = None);
+        let pid = self.main_pid().unwrap_or_default();
         self.set(RunState::Running {
             pid,
             since: now_ms(),
         });
         self.event("start", &format!("started (pid {pid})"));
-        tracing::info!(app = %self.name, pid, "app started");
+        tracing::info!(app = %self.name, pid, containers = self.running.len(), "app started");
         Ok(())
     }
 
     async fn stop(&mut self) -> Result<()> {
-        let pid = self.pid.take();
+        let running = std::mem::take(&mut self.running);
+        let others: Vec<String> = match self
+            .inner
+            .installed(&self.name)
+            .and_then(|r| self.inner.plan(&r))
+        {
+            Ok(plan) => plan.containers().map(|c| c.id(&self.name)).collect(),
+            Err(_) => vec![self.name.to_string()],
+        };
         self.inner
             .runtime
-            .stop(&self.name, pid, self.inner.stop_grace)
+            .stop(&self.name, &running, &others, self.inner.stop_grace)
             .await?;
-        if pid.is_some() {
+        self.inner.stop_cache(&self.name).await;
+        if !running.is_empty() {
             self.event("stop", "stopped");
             tracing::info!(app = %self.name, "app stopped");
         }

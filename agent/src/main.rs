@@ -48,6 +48,10 @@ struct Args {
     /// A CA certificate (PEM) the ACME directory's own TLS chains to, for test ACME servers.
     #[arg(long, env = "HOMEPORT_ACME_ROOT")]
     acme_root: Option<PathBuf>,
+    /// PostgreSQL's programs for the shared database (default: the newest version under
+    /// /usr/lib/postgresql).
+    #[arg(long, env = "HOMEPORT_POSTGRES_BIN")]
+    postgres_bin: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -160,6 +164,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             acme_dir: Paths::new(&args.data_dir).acme(),
             acme_root: args.acme_root.clone(),
         },
+        postgres_bin: args.postgres_bin.clone(),
     };
     let agent = Arc::new(Agent::start(config).await?);
     let listener = bind(&socket)?;

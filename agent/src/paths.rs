@@ -95,6 +95,19 @@ impl Paths {
     pub fn volume(&self, name: &AppName, volume: &str) -> PathBuf {
         self.app_volumes(name).join(volume)
     }
+    /// Where the further containers (`[[container]]`) and hook runs of an app keep their
+    /// rootfs and bundle: `apps/<app>/c/<container>/`.
+    pub fn container(&self, name: &AppName, container: &str) -> PathBuf {
+        self.app(name).join("c").join(container)
+    }
+    /// The shared services' state (`services/postgres/`).
+    pub fn services(&self) -> PathBuf {
+        self.data.join("services")
+    }
+    /// An app's cache server: its pidfile and log.
+    pub fn cache(&self, name: &AppName) -> PathBuf {
+        self.app(name).join("cache")
+    }
     pub fn runtime(&self) -> PathBuf {
         self.data.join("runtime")
     }

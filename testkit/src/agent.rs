@@ -340,6 +340,8 @@ impl AgentProcess {
                 }
             }
         }
+        // The shared database and caches outlive an agent by design; a test's go with it.
+        kill_services(self.data.path());
         // Anything still mounted below the data dir (a test that failed half way).
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let root = self.data.path().to_string_lossy().into_owned();
@@ -404,6 +406,24 @@ pub fn cgroup_controllers() -> Vec<String> {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+/// Kills the PostgreSQL server and cache servers an agent with data dir `data` started.
+pub fn kill_services(data: &Path) {
+    let mut pids: Vec<i32> = Vec::new();
+    let first_line = |p: PathBuf| -> Option<i32> {
+        std::fs::read_to_string(p).ok()?.lines().next()?.trim().parse().ok()
+    };
+    pids.extend(first_line(data.join("services/postgres/data/postmaster.pid")));
+    if let Ok(apps) = std::fs::read_dir(data.join("apps")) {
+        for a in apps.flatten() {
+            pids.extend(first_line(a.path().join("cache/cache.pid")));
+        }
+    }
+    for pid in pids.into_iter().filter(|p| *p > 1) {
+        // SAFETY: kill(2) with a pid read from a pidfile the agent wrote; no memory involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 

@@ -677,11 +677,14 @@ pub fn status_of(e: &AgentError) -> StatusCode {
             _ => StatusCode::BAD_GATEWAY,
         },
         AgentError::Image(ImageError::Unpack { .. })
-        | AgentError::Image(ImageError::Invalid { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+        | AgentError::Image(ImageError::Invalid { .. })
+        | AgentError::HookFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        AgentError::Postgres(_) | AgentError::Cache { .. } => StatusCode::SERVICE_UNAVAILABLE,
         AgentError::Image(_)
         | AgentError::Runtime(_)
         | AgentError::Store(_)
         | AgentError::Firewall(_)
+        | AgentError::Io { .. }
         | AgentError::SupervisorGone(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

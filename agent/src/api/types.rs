@@ -21,6 +21,16 @@ pub struct UpdateBody {
     pub manifest: Option<String>,
 }
 
+/// What the app's `[health]` check last said.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    /// No check has passed yet since the app started.
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
 /// What an app is doing right now.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -64,6 +74,9 @@ pub struct AppSummary {
     pub run: RunState,
     /// Restarts after crashes since the agent started.
     pub restarts: u32,
+    /// What its `[health]` check says while it runs (`None`: it has none, or does not run).
+    #[serde(default)]
+    pub health: Option<HealthState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -56,6 +56,10 @@ impl AppRules {
 pub struct Table {
     pub name: String,
     pub bridge: String,
+    /// The device's addresses on the bridge, where its internal services (the shared
+    /// database) listen: only apps reach them.
+    pub gateway4: Ipv4Addr,
+    pub gateway6: Ipv6Addr,
 }
 
 const SETS: [(&str, &[&str]); 5] = [
@@ -177,6 +181,26 @@ impl Table {
                 ],
             ),
             self.rule("input", vec![eq(iif(), br()), reject()]),
+            // The gateway's addresses are for apps: from anywhere else (the LAN routing to
+            // them through the device) nothing reaches the services listening there.
+            self.rule(
+                "input",
+                vec![
+                    ne(iif(), br()),
+                    ne(iif(), json!("lo")),
+                    eq(payload("ip", "daddr"), json!(self.gateway4.to_string())),
+                    json!({"drop": null}),
+                ],
+            ),
+            self.rule(
+                "input",
+                vec![
+                    ne(iif(), br()),
+                    ne(iif(), json!("lo")),
+                    eq(payload("ip6", "daddr"), json!(self.gateway6.to_string())),
+                    json!({"drop": null}),
+                ],
+            ),
             // Through the device: never app to app; apps out to anywhere; in to apps only
             // replies and public ports.
             // Apps' links have a 64 KiB MTU; TCP they open (or answer) through the device is
@@ -381,6 +405,8 @@ mod tests {
         Table {
             name: "homeport_x".into(),
             bridge: "hpbrx".into(),
+            gateway4: Ipv4Addr::new(10, 128, 0, 1),
+            gateway6: "fd00:1::1".parse().unwrap(),
         }
     }
 

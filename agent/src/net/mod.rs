@@ -91,6 +91,8 @@ impl Network {
             table: firewall::Table {
                 name: format!("homeport_{}", &ula.global_id_hex()[..10]),
                 bridge: bridge.clone(),
+                gateway4: net4.gateway(),
+                gateway6: ula.apps_net().gateway(),
             },
             bridge,
             net4,

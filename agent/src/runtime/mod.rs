@@ -9,9 +9,9 @@ pub mod os;
 pub mod spec;
 pub mod zygote;
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::os::fd::RawFd;
-use std::os::unix::fs::{chown, PermissionsExt};
+use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,16 +41,77 @@ pub enum RuntimeError {
 
 type Result<T> = std::result::Result<T, RuntimeError>;
 
-/// Everything needed to run an app, from the store.
+/// Everything needed to run an app, from the store, with its templates filled in.
+#[derive(Clone)]
 pub struct AppPlan {
     pub name: AppName,
     pub manifest: Manifest,
+    /// The app's host number in the device's internal IPv4 net.
+    pub ipv4_host: u32,
+    /// The environment every container of the app gets (standard variables and `[env]`,
+    /// rendered), over each image's own.
+    pub env: BTreeMap<String, String>,
+    /// Where the app's volumes are owned on the host: container id X is host id `base + X`
+    /// (`None`: as in the container).
+    pub id_base: Option<u32>,
+    pub main: ContainerPlan,
+    /// `[[container]]`s, in manifest order.
+    pub extra: Vec<ContainerPlan>,
+}
+
+/// One container of an app.
+#[derive(Clone)]
+pub struct ContainerPlan {
+    /// `None`: the app's main container; else its `[[container]]` name, or `hook`.
+    pub name: Option<String>,
     /// Unpacked layers, bottom first.
     pub layers: Vec<PathBuf>,
     pub image: spec::ImageProcess,
-    /// The app's host number in the device's internal IPv4 net.
-    pub ipv4_host: u32,
+    /// Replaces the image's `Cmd` (rendered).
+    pub command: Option<Vec<String>>,
+    /// Over the app's environment (rendered).
+    pub env: BTreeMap<String, String>,
 }
+
+impl ContainerPlan {
+    /// The container's id: the app's name, or `<app>--<container>`.
+    pub fn id(&self, app: &AppName) -> String {
+        match &self.name {
+            None => app.to_string(),
+            Some(n) => format!("{app}--{n}"),
+        }
+    }
+
+    fn rootfs(&self, paths: &Paths, app: &AppName) -> PathBuf {
+        match &self.name {
+            None => paths.rootfs(app),
+            Some(n) => paths.container(app, n).join("rootfs"),
+        }
+    }
+
+    fn bundle(&self, paths: &Paths, app: &AppName) -> PathBuf {
+        match &self.name {
+            None => paths.bundle(app),
+            Some(n) => paths.container(app, n).join("bundle"),
+        }
+    }
+
+    fn dir(&self, paths: &Paths, app: &AppName) -> PathBuf {
+        match &self.name {
+            None => paths.app(app),
+            Some(n) => paths.container(app, n),
+        }
+    }
+}
+
+impl AppPlan {
+    pub fn containers(&self) -> impl Iterator<Item = &ContainerPlan> {
+        std::iter::once(&self.main).chain(&self.extra)
+    }
+}
+
+/// What runs of an app: (container id, pid), the main container first.
+pub type Running = Vec<(String, i32)>;
 
 pub struct Runtime {
     zygote: Zygote,
@@ -97,30 +158,46 @@ impl Runtime {
         format!("/{}/{}", self.cgroup_parent, id)
     }
 
-    /// Mounts the rootfs, creates the network namespace, volumes, hosts file and bundle.
-    /// Idempotent: an agent restart or a restart of the app calls it again.
+    /// Mounts the rootfs of each container, creates the network namespace, volumes, hosts
+    /// file and bundles. Idempotent: an agent restart or a restart of the app calls it again.
     pub async fn prepare(&self, plan: &AppPlan) -> Result<()> {
         let paths = self.paths.clone();
-        let cgroups_path = self.cgroups_path(plan.name.as_str());
-        let plan = AppPlan {
-            name: plan.name.clone(),
-            manifest: plan.manifest.clone(),
-            layers: plan.layers.clone(),
-            image: plan.image.clone(),
-            ipv4_host: plan.ipv4_host,
-        };
+        let plan = plan.clone();
         let network = self.network.clone();
         let ca_pem = self.ca_pem.clone();
+        let parent = self.cgroup_parent.clone();
         tokio::task::spawn_blocking(move || {
-            prepare_blocking(&paths, &network, &ca_pem, &plan, cgroups_path)
+            prepare_app(&paths, &network, &plan)?;
+            for c in plan.containers() {
+                prepare_container(&paths, &plan, c, format!("/{parent}/{}", c.id(&plan.name)))?;
+            }
+            prepare_files(&paths, &ca_pem, &plan)
         })
         .await
         .unwrap_or_else(|e| panic!("prepare panicked: {e}"))
     }
 
-    /// Creates and starts the app's container; returns the pid of its first process.
-    pub async fn start(&self, name: &AppName) -> Result<i32> {
-        let id = name.as_str().to_string();
+    /// Creates and starts the app's containers, main first; returns what runs. If one fails,
+    /// those started are stopped again.
+    pub async fn start(&self, plan: &AppPlan) -> Result<Running> {
+        let mut running: Running = Vec::new();
+        for c in plan.containers() {
+            match self.start_container(plan, c).await {
+                Ok(pid) => running.push((c.id(&plan.name), pid)),
+                Err(e) => {
+                    let _ = self
+                        .stop(&plan.name, &running, &[], DEFAULT_STOP_GRACE)
+                        .await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(running)
+    }
+
+    async fn start_container(&self, plan: &AppPlan, c: &ContainerPlan) -> Result<i32> {
+        let id = c.id(&plan.name);
+        let name = &plan.name;
         // A container left from before (crash, reboot) would make create fail.
         self.call(name, Op::Delete { id: id.clone() }, &[]).await?;
         let reply = self
@@ -128,7 +205,7 @@ impl Runtime {
                 name,
                 Op::Run {
                     id,
-                    bundle: self.paths.bundle(name),
+                    bundle: c.bundle(&self.paths, name),
                     stdio: Stdio3::Log(self.paths.log(name)),
                 },
                 &[],
@@ -140,14 +217,79 @@ impl Runtime {
         }
     }
 
+    /// Runs `args` to completion in a one-off container (`<app>--hook`) made like `c` (its
+    /// image, environment, volumes and the app's network), its output in the app's log.
+    /// Gives up (and kills it) after `timeout`.
+    pub async fn run_hook(
+        &self,
+        plan: &AppPlan,
+        c: &ContainerPlan,
+        args: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExitStatus> {
+        let hook = ContainerPlan {
+            name: Some("hook".into()),
+            command: None,
+            ..c.clone()
+        };
+        let name = &plan.name;
+        let id = hook.id(name);
+        let paths = self.paths.clone();
+        let (p, h) = (plan.clone(), hook.clone());
+        let cgroups = self.cgroups_path(&id);
+        tokio::task::spawn_blocking(move || {
+            prepare_container_with(&paths, &p, &h, cgroups, Some(args))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("prepare panicked: {e}"))?;
+        let pid = self.start_container(plan, &hook).await?;
+        let status = tokio::time::timeout(timeout, self.wait(pid)).await.ok();
+        let _ = self
+            .call(
+                name,
+                Op::Kill {
+                    id: id.clone(),
+                    signal: libc::SIGKILL,
+                    all: true,
+                },
+                &[],
+            )
+            .await;
+        if status.is_none() {
+            let _ = self.wait(pid).await;
+        }
+        self.call(name, Op::Delete { id }, &[]).await?;
+        self.remove_container_dir(name, "hook").await?;
+        status.ok_or_else(|| RuntimeError::Image {
+            app: name.clone(),
+            message: format!("the hook did not finish in {}s", timeout.as_secs()),
+        })
+    }
+
+    /// Unmounts and removes a further container's directory.
+    async fn remove_container_dir(&self, name: &AppName, container: &str) -> Result<()> {
+        let dir = self.paths.container(name, container);
+        let app = name.clone();
+        tokio::task::spawn_blocking(move || remove_container_dir(&app, &dir))
+            .await
+            .unwrap_or_else(|e| panic!("cleanup panicked: {e}"))
+    }
+
     pub async fn wait(&self, pid: i32) -> ExitStatus {
         self.zygote.wait(pid).await
     }
 
-    /// SIGTERM, then SIGKILL after `grace`; then the container is deleted.
-    pub async fn stop(&self, name: &AppName, pid: Option<i32>, grace: Duration) -> Result<()> {
-        let id = name.as_str().to_string();
-        if let Some(pid) = pid {
+    /// SIGTERM to what runs (further containers first, the main one last), then SIGKILL
+    /// after `grace`; then the containers are deleted, also those in `others` (ids of
+    /// containers that may exist without running).
+    pub async fn stop(
+        &self,
+        name: &AppName,
+        running: &[(String, i32)],
+        others: &[String],
+        grace: Duration,
+    ) -> Result<()> {
+        for (id, pid) in running.iter().rev() {
             let term = self
                 .call(
                     name,
@@ -159,23 +301,33 @@ impl Runtime {
                     &[],
                 )
                 .await;
-            if term.is_ok() && tokio::time::timeout(grace, self.wait(pid)).await.is_err() {
-                tracing::info!(app = %name, "app did not stop in time; killing it");
+            if term.is_ok() && tokio::time::timeout(grace, self.wait(*pid)).await.is_err() {
+                tracing::info!(app = %name, container = %id, "container did not stop in time; killing it");
             }
         }
-        self.call(name, Op::Delete { id }, &[]).await?;
+        let mut ids: Vec<&String> = running.iter().map(|(id, _)| id).collect();
+        ids.extend(
+            others
+                .iter()
+                .filter(|o| !running.iter().any(|(id, _)| id == *o)),
+        );
+        for id in ids {
+            self.call(name, Op::Delete { id: id.clone() }, &[]).await?;
+        }
         Ok(())
     }
 
     pub async fn state(&self, name: &AppName) -> Result<Option<ContainerState>> {
+        self.container_state(name, name.as_str()).await
+    }
+
+    pub async fn container_state(
+        &self,
+        name: &AppName,
+        id: &str,
+    ) -> Result<Option<ContainerState>> {
         match self
-            .call(
-                name,
-                Op::State {
-                    id: name.as_str().to_string(),
-                },
-                &[],
-            )
+            .call(name, Op::State { id: id.to_string() }, &[])
             .await?
         {
             Reply::State(s) => Ok(s),
@@ -217,13 +369,17 @@ impl Runtime {
                 message: "the image has no /bin/sh and no debug toolbox is installed".into(),
             });
         };
-        let mut input =
-            spec_input(&self.paths, plan, self.cgroups_path(&id), &rootfs).map_err(|e| {
-                RuntimeError::Image {
-                    app: name.clone(),
-                    message: e,
-                }
-            })?;
+        let mut input = spec_input(
+            &self.paths,
+            plan,
+            &plan.main,
+            self.cgroups_path(&id),
+            &rootfs,
+        )
+        .map_err(|e| RuntimeError::Image {
+            app: name.clone(),
+            message: e,
+        })?;
         input.args = args;
         input.user = spec::User {
             uid: 0,
@@ -265,16 +421,18 @@ impl Runtime {
         let _ = std::fs::remove_dir_all(self.paths.app(name).join(id));
     }
 
-    /// Removes everything the runtime made for the app (not its volumes).
+    /// Removes everything the runtime made for the app (not its volumes): its containers,
+    /// also further ones a later manifest dropped, their rootfs mounts, its network.
     pub async fn teardown(&self, name: &AppName) -> Result<()> {
-        self.call(
-            name,
-            Op::Delete {
-                id: name.as_str().to_string(),
-            },
-            &[],
-        )
-        .await?;
+        let mut ids = vec![name.to_string()];
+        if let Ok(entries) = std::fs::read_dir(self.paths.app(name).join("c")) {
+            for e in entries.flatten() {
+                ids.push(format!("{name}--{}", e.file_name().to_string_lossy()));
+            }
+        }
+        for id in ids {
+            self.call(name, Op::Delete { id }, &[]).await?;
+        }
         let paths = self.paths.clone();
         let network = self.network.clone();
         let app = name.clone();
@@ -287,6 +445,16 @@ impl Runtime {
             network
                 .unwire_app(&app)
                 .map_err(|e| io("remove the app's network link", e))?;
+            if let Ok(entries) = std::fs::read_dir(paths.app(&app).join("c")) {
+                for e in entries.flatten() {
+                    remove_container_dir(&app, &e.path())?;
+                }
+            }
+            if let Ok(entries) = std::fs::read_dir(paths.app(&app).join("vol")) {
+                for e in entries.flatten() {
+                    os::unmount(&e.path()).map_err(|e| io("unmount a volume", e))?;
+                }
+            }
             os::unmount(&paths.rootfs(&app)).map_err(|e| io("unmount rootfs", e))?;
             os::unmount(&paths.netns(&app)).map_err(|e| io("remove network namespace", e))?;
             match std::fs::remove_dir_all(paths.app(&app)) {
@@ -297,6 +465,27 @@ impl Runtime {
         })
         .await
         .unwrap_or_else(|e| panic!("teardown panicked: {e}"))
+    }
+
+    /// Removes further containers the plan no longer has (a manifest update dropped them).
+    pub async fn remove_dropped(&self, plan: &AppPlan) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(self.paths.app(&plan.name).join("c")) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let c = e.file_name().to_string_lossy().into_owned();
+            if plan
+                .extra
+                .iter()
+                .any(|x| x.name.as_deref() == Some(c.as_str()))
+            {
+                continue;
+            }
+            let id = format!("{}--{c}", plan.name);
+            self.call(&plan.name, Op::Delete { id }, &[]).await?;
+            self.remove_container_dir(&plan.name, &c).await?;
+        }
+        Ok(())
     }
 
     async fn call(&self, name: &AppName, op: Op, fds: &[RawFd]) -> Result<Reply> {
@@ -317,13 +506,9 @@ fn protocol(name: &AppName, reply: &Reply) -> RuntimeError {
     }
 }
 
-fn prepare_blocking(
-    paths: &Paths,
-    network: &Network,
-    ca_pem: &str,
-    plan: &AppPlan,
-    cgroups_path: String,
-) -> Result<()> {
+/// What the containers of an app share: its directory, network namespace and wiring, name
+/// files.
+fn prepare_app(paths: &Paths, network: &Network, plan: &AppPlan) -> Result<()> {
     let name = &plan.name;
     let io = |what: String| {
         let app = name.clone();
@@ -335,39 +520,11 @@ fn prepare_blocking(
     mkdir(&app_dir)?;
     std::fs::set_permissions(&app_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io("chmod app dir".into()))?;
-    for d in [
-        paths.rootfs(name),
-        paths.bundle(name),
-        paths.logs(name),
-        paths.empty_layer(),
-    ] {
+    for d in [paths.logs(name), paths.empty_layer()] {
         mkdir(&d)?;
     }
     mkdir(paths.hosts(name).parent().unwrap_or(&app_dir))?;
-
-    let rootfs = paths.rootfs(name);
     let mounted = os::mount_points().map_err(io("read mountinfo".into()))?;
-    // A rootfs mounted for an earlier version of the app (an update, also one interrupted by
-    // a crash) is mounted afresh.
-    if !rootfs_current(paths, plan, &mounted) {
-        if mounted.contains(&rootfs) {
-            os::unmount(&rootfs).map_err(io("unmount the previous rootfs".into()))?;
-        }
-        // The rootfs is a read-only overlay, so the container runtime cannot create mount
-        // points in it: a small top layer of the app's own holds them.
-        let points = paths.app(name).join("mountpoints");
-        if points.exists() {
-            std::fs::remove_dir_all(&points).map_err(io("clear mount points".into()))?;
-        }
-        os::make_mount_points(&points, &spec::mount_points(&plan.manifest, &plan.image))
-            .map_err(io("create mount points".into()))?;
-        let mut layers = plan.layers.clone();
-        layers.push(points);
-        os::mount_overlay(&layers, &paths.empty_layer(), &rootfs)
-            .map_err(io("mount rootfs".into()))?;
-        std::fs::write(rootfs_marker(paths, name), rootfs_identity(plan))
-            .map_err(io("record the rootfs".into()))?;
-    }
     let netns = paths.netns(name);
     if !mounted.contains(&netns) {
         os::create_netns(&netns).map_err(io("create network namespace".into()))?;
@@ -379,7 +536,18 @@ fn prepare_blocking(
         .map_err(io("write hosts file".into()))?;
     std::fs::write(paths.resolv_conf(name), network.resolv_conf())
         .map_err(io("write resolv.conf".into()))?;
-    // The app trusts what its image trusts, and the device (its proxy, the other apps).
+    Ok(())
+}
+
+/// What comes from the main container's rootfs: the trust bundle (the image's own plus the
+/// device CA) and the owner of new volumes (the user the main container runs as).
+fn prepare_files(paths: &Paths, ca_pem: &str, plan: &AppPlan) -> Result<()> {
+    let name = &plan.name;
+    let io = |what: String| {
+        let app = name.clone();
+        move |source| RuntimeError::Io { app, what, source }
+    };
+    let rootfs = paths.rootfs(name);
     let mut bundle =
         std::fs::read_to_string(rootfs.join(&spec::TRUST_BUNDLE[1..])).unwrap_or_default();
     if !bundle.is_empty() && !bundle.ends_with('\n') {
@@ -387,82 +555,210 @@ fn prepare_blocking(
     }
     bundle.push_str(ca_pem);
     std::fs::write(paths.trust_bundle(name), bundle).map_err(io("write trust bundle".into()))?;
-
-    let input =
-        spec_input(paths, plan, cgroups_path, &rootfs).map_err(|message| RuntimeError::Image {
-            app: name.clone(),
-            message,
-        })?;
-    for (host, _) in &input.volumes {
+    for v in &plan.manifest.volumes {
+        let host = paths.volume(name, &v.name);
+        let base = plan.id_base.unwrap_or(0);
         if !host.exists() {
-            mkdir(host)?;
-            // A new volume belongs to the user the app runs as.
-            chown(host, Some(input.user.uid), Some(input.user.gid))
+            std::fs::create_dir_all(&host).map_err(io(format!("create {}", host.display())))?;
+            let user = container_user(&rootfs, &plan.main).map_err(|message| {
+                RuntimeError::Image {
+                    app: name.clone(),
+                    message,
+                }
+            })?;
+            chown(host.as_path(), Some(base + user.uid), Some(base + user.gid))
                 .map_err(io(format!("chown {}", host.display())))?;
         }
+        let Some(base) = plan.id_base else {
+            continue;
+        };
+        // A volume made before it had a range of its own is moved into it.
+        let owner = std::fs::metadata(&host)
+            .map_err(io(format!("stat {}", host.display())))?
+            .uid();
+        if owner < idmap::BASE {
+            idmap::shift_owner(&host, 0, base).map_err(io(format!(
+                "move {} into the app's user id range",
+                host.display()
+            )))?;
+        }
+        // The app sees its volume through an idmapped mount: its ids on the inside, the
+        // app's own range on the disk.
+        let staging = volume_mount(paths, name, &v.name);
+        std::fs::create_dir_all(&staging).map_err(io(format!("create {}", staging.display())))?;
+        let mounted = idmap::mounted_at(&staging).map_err(io("read mountinfo".into()))?;
+        if mounted != idmap::Mounted::Idmapped {
+            if mounted == idmap::Mounted::Plain {
+                os::unmount(&staging).map_err(io("unmount a volume".into()))?;
+            }
+            idmap::idmapped_bind(&host, &staging, base, idmap::SLOT_SIZE)
+                .map_err(io(format!("mount {} idmapped", host.display())))?;
+        }
     }
-    let value = spec::build(&input);
-    let tmp = paths.bundle(name).join("config.json.tmp");
-    std::fs::write(&tmp, value.to_string()).map_err(io("write bundle".into()))?;
-    std::fs::rename(&tmp, paths.bundle(name).join("config.json"))
-        .map_err(io("write bundle".into()))?;
     Ok(())
 }
 
+/// Where an app's volume is mounted idmapped for its containers to bind.
+fn volume_mount(paths: &Paths, name: &AppName, volume: &str) -> PathBuf {
+    paths.app(name).join("vol").join(volume)
+}
+
+/// Whether this kernel and the data directory's filesystem support idmapped mounts (tried
+/// once, at start, in `dir`).
+pub fn idmap_supported(dir: &Path) -> bool {
+    let (src, dst) = (dir.join("idmap-probe-src"), dir.join("idmap-probe-dst"));
+    let ok = std::fs::create_dir_all(&src).is_ok()
+        && std::fs::create_dir_all(&dst).is_ok()
+        && idmap::idmapped_bind(&src, &dst, idmap::BASE, idmap::SLOT_SIZE).is_ok();
+    if ok {
+        let _ = os::unmount(&dst);
+    }
+    let _ = std::fs::remove_dir(&src);
+    let _ = std::fs::remove_dir(&dst);
+    ok
+}
+
+fn prepare_container(
+    paths: &Paths,
+    plan: &AppPlan,
+    c: &ContainerPlan,
+    cgroups_path: String,
+) -> Result<()> {
+    prepare_container_with(paths, plan, c, cgroups_path, None)
+}
+
+/// Mounts a container's rootfs (unless it is mounted from the same layers already) and writes
+/// its bundle; `args` replaces its command line (hooks).
+fn prepare_container_with(
+    paths: &Paths,
+    plan: &AppPlan,
+    c: &ContainerPlan,
+    cgroups_path: String,
+    args: Option<Vec<String>>,
+) -> Result<()> {
+    let name = &plan.name;
+    let io = |what: String| {
+        let app = name.clone();
+        move |source| RuntimeError::Io { app, what, source }
+    };
+    let mkdir =
+        |p: &Path| std::fs::create_dir_all(p).map_err(io(format!("create {}", p.display())));
+    let rootfs = c.rootfs(paths, name);
+    let bundle = c.bundle(paths, name);
+    mkdir(&rootfs)?;
+    mkdir(&bundle)?;
+    let mounted = os::mount_points().map_err(io("read mountinfo".into()))?;
+    // A rootfs mounted for an earlier version of the app (an update, also one interrupted by
+    // a crash) is mounted afresh.
+    let marker = c.dir(paths, name).join("rootfs.from");
+    let identity = rootfs_identity(plan, c);
+    let current = mounted.contains(&rootfs)
+        && std::fs::read_to_string(&marker).ok().as_deref() == Some(identity.as_str());
+    if !current {
+        if mounted.contains(&rootfs) {
+            os::unmount(&rootfs).map_err(io("unmount the previous rootfs".into()))?;
+        }
+        // The rootfs is a read-only overlay, so the container runtime cannot create mount
+        // points in it: a small top layer of the container's own holds them.
+        let points = c.dir(paths, name).join("mountpoints");
+        if points.exists() {
+            std::fs::remove_dir_all(&points).map_err(io("clear mount points".into()))?;
+        }
+        os::make_mount_points(&points, &spec::mount_points(&plan.manifest, &c.image))
+            .map_err(io("create mount points".into()))?;
+        let mut layers = c.layers.clone();
+        layers.push(points);
+        os::mount_overlay(&layers, &paths.empty_layer(), &rootfs)
+            .map_err(io("mount rootfs".into()))?;
+        std::fs::write(&marker, identity).map_err(io("record the rootfs".into()))?;
+    }
+    let mut input = spec_input(paths, plan, c, cgroups_path, &rootfs).map_err(|message| {
+        RuntimeError::Image {
+            app: name.clone(),
+            message,
+        }
+    })?;
+    if let Some(args) = args {
+        input.args = args;
+    }
+    let value = spec::build(&input);
+    let tmp = bundle.join("config.json.tmp");
+    std::fs::write(&tmp, value.to_string()).map_err(io("write bundle".into()))?;
+    std::fs::rename(&tmp, bundle.join("config.json")).map_err(io("write bundle".into()))?;
+    Ok(())
+}
+
+fn remove_container_dir(app: &AppName, dir: &Path) -> Result<()> {
+    let io = |what: &str, source| RuntimeError::Io {
+        app: app.clone(),
+        what: what.into(),
+        source,
+    };
+    os::unmount(&dir.join("rootfs")).map_err(|e| io("unmount a container's rootfs", e))?;
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("remove a container's directory", e)),
+    }
+}
+
+fn container_user(rootfs: &Path, c: &ContainerPlan) -> std::result::Result<spec::User, String> {
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_default();
+    spec::resolve_user(
+        c.image.user.as_deref(),
+        &read("etc/passwd"),
+        &read("etc/group"),
+    )
+}
+
 /// The layers and mount points a rootfs is built from, as one comparable string.
-fn rootfs_identity(plan: &AppPlan) -> String {
+fn rootfs_identity(plan: &AppPlan, c: &ContainerPlan) -> String {
     let mut id = String::new();
-    for l in &plan.layers {
+    for l in &c.layers {
         id.push_str(&format!("layer {}\n", l.display()));
     }
-    for (p, file) in spec::mount_points(&plan.manifest, &plan.image) {
+    for (p, file) in spec::mount_points(&plan.manifest, &c.image) {
         id.push_str(&format!("{} {p}\n", if file { "file" } else { "dir" }));
     }
     id
 }
 
-/// Beside each mounted rootfs: what it was built from (`rootfs_identity`).
-fn rootfs_marker(paths: &Paths, name: &AppName) -> PathBuf {
-    paths.app(name).join("rootfs.from")
-}
-
-fn rootfs_current(paths: &Paths, plan: &AppPlan, mounted: &HashSet<PathBuf>) -> bool {
-    mounted.contains(&paths.rootfs(&plan.name))
-        && std::fs::read_to_string(rootfs_marker(paths, &plan.name)).ok()
-            == Some(rootfs_identity(plan))
-}
-
-/// Whether the app's mounted rootfs was built from `plan` (false also when not mounted).
+/// Whether the app's main rootfs is mounted and was built from `plan`.
 pub fn rootfs_is_current(paths: &Paths, plan: &AppPlan) -> bool {
-    os::mount_points().is_ok_and(|m| rootfs_current(paths, plan, &m))
+    let marker = paths.app(&plan.name).join("rootfs.from");
+    os::mount_points().is_ok_and(|m| m.contains(&paths.rootfs(&plan.name)))
+        && std::fs::read_to_string(marker).ok() == Some(rootfs_identity(plan, &plan.main))
 }
 
 fn spec_input(
     paths: &Paths,
     plan: &AppPlan,
+    c: &ContainerPlan,
     cgroups_path: String,
     rootfs: &Path,
 ) -> std::result::Result<spec::SpecInput, String> {
     let name = &plan.name;
-    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_default();
-    let user = spec::resolve_user(
-        plan.image.user.as_deref(),
-        &read("etc/passwd"),
-        &read("etc/group"),
-    )?;
+    let user = container_user(rootfs, c)?;
     let hostname = name.as_str();
+    let mut env = plan.env.clone();
+    env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     Ok(spec::SpecInput {
         hostname: hostname.to_string(),
         rootfs: rootfs.to_path_buf(),
         args: {
-            let a = spec::args(&plan.image, plan.manifest.command.as_deref());
+            let a = spec::args(&c.image, c.command.as_deref());
             if a.is_empty() {
-                return Err("the image has no command and the manifest names none".into());
+                return Err(match &c.name {
+                    None => "the image has no command and the manifest names none".into(),
+                    Some(n) => format!(
+                        "container {n}: its image has no command and the manifest names none"
+                    ),
+                });
             }
             a
         },
-        env: spec::env(&plan.image, &plan.manifest.env, hostname),
-        cwd: plan
+        env: spec::env(&c.image, &env, hostname),
+        cwd: c
             .image
             .working_dir
             .clone()
@@ -473,7 +769,13 @@ fn spec_input(
             .manifest
             .volumes
             .iter()
-            .map(|v| (paths.volume(name, &v.name), v.path.clone()))
+            .map(|v| {
+                let host = match plan.id_base {
+                    Some(_) => volume_mount(paths, name, &v.name),
+                    None => paths.volume(name, &v.name),
+                };
+                (host, v.path.clone())
+            })
             .collect(),
         files: vec![
             (paths.hosts(name), "/etc/hosts".into()),

@@ -86,6 +86,26 @@ const MIGRATIONS: &[&str] = &[
         host INTEGER NOT NULL UNIQUE
     );
     "#,
+    // 4: the images of an app's further containers (`[[container]]` with an image of its own),
+    // and what an app's data outside its volumes needs: the passwords of its database role and
+    // its cache, and its slot of host user ids for its volumes. `app_data` outlives the app
+    // while its data is kept (`rm` without `--purge-data`): `kept` says so.
+    r#"
+    CREATE TABLE app_containers (
+        app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+        container TEXT NOT NULL,
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        pinned TEXT NOT NULL,
+        PRIMARY KEY (app, container)
+    );
+    CREATE TABLE app_data (
+        app TEXT PRIMARY KEY,
+        db_password TEXT NOT NULL,
+        cache_password TEXT NOT NULL,
+        id_slot INTEGER NOT NULL UNIQUE,
+        kept INTEGER NOT NULL DEFAULT 0
+    );
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> Result<(), StoreError> {

@@ -90,6 +90,26 @@ pub struct AppRow {
     pub desired: Desired,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The images of its `[[container]]`s that have one of their own.
+    pub containers: Vec<ContainerImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerImage {
+    pub container: String,
+    pub image_id: i64,
+    pub pinned: String,
+}
+
+/// What an app's data outside its volumes needs (see migration 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppData {
+    pub db_password: String,
+    pub cache_password: String,
+    /// Its slot of host user ids (`runtime::idmap`).
+    pub id_slot: u32,
+    /// The app was removed with its data kept.
+    pub kept: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -338,7 +358,10 @@ impl Store {
             let references = strings(
                 "SELECT reference FROM image_names WHERE image_id = ?1 ORDER BY reference",
             )?;
-            let apps = strings("SELECT name FROM apps WHERE image_id = ?1 ORDER BY name")?;
+            let apps = strings(
+                "SELECT name FROM apps WHERE image_id = ?1
+                 UNION SELECT app FROM app_containers WHERE image_id = ?1 ORDER BY 1",
+            )?;
             let mut s = conn.prepare(
                 "SELECT layer_id FROM image_layers WHERE image_id = ?1 ORDER BY position",
             )?;
@@ -359,10 +382,12 @@ impl Store {
     pub fn delete_image_if_unused(&self, id: i64) -> Result<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let used: i64 =
-            tx.query_row("SELECT COUNT(*) FROM apps WHERE image_id = ?1", [id], |r| {
-                r.get(0)
-            })?;
+        let used: i64 = tx.query_row(
+            "SELECT (SELECT COUNT(*) FROM apps WHERE image_id = ?1)
+                  + (SELECT COUNT(*) FROM app_containers WHERE image_id = ?1)",
+            [id],
+            |r| r.get(0),
+        )?;
         if used > 0 {
             return Ok(false);
         }
@@ -384,41 +409,39 @@ impl Store {
              VALUES (?1, ?2, ?3, ?4, 'installed', ?5, ?6, ?6)",
             params![app.name.as_str(), app.manifest, app.image_id, app.pinned, app.desired.as_str(), app.created_at],
         )?;
+        put_containers(&tx, &app.name, &app.containers)?;
         history(&tx, app.name.as_str(), actor, "install", detail)?;
         tx.commit()?;
         Ok(())
     }
 
     /// Moves an app to a new manifest and image, with its history entry, atomically.
-    pub fn update_app(
-        &self,
-        name: &AppName,
-        manifest: &str,
-        image_id: i64,
-        pinned: &str,
-        actor: &str,
-        detail: &str,
-    ) -> Result<()> {
+    pub fn update_app(&self, app: &AppRow, actor: &str, detail: &str) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let name = &app.name;
         tx.execute(
             "UPDATE apps SET manifest = ?2, image_id = ?3, pinned = ?4, updated_at = ?5 WHERE name = ?1 AND phase = 'installed'",
-            params![name.as_str(), manifest, image_id, pinned, now_ms()],
+            params![name.as_str(), app.manifest, app.image_id, app.pinned, now_ms()],
         )?;
+        tx.execute("DELETE FROM app_containers WHERE app = ?1", [name.as_str()])?;
+        put_containers(&tx, name, &app.containers)?;
         history(&tx, name.as_str(), actor, "update", detail)?;
         tx.commit()?;
         Ok(())
     }
 
     pub fn app(&self, name: &AppName) -> Result<Option<AppRow>> {
-        self.conn()
+        let conn = self.conn();
+        let row = conn
             .query_row(
                 "SELECT name, manifest, image_id, pinned, phase, desired, created_at, updated_at FROM apps WHERE name = ?1",
                 [name.as_str()],
                 app_row,
             )
             .optional()?
-            .transpose()
+            .transpose()?;
+        row.map(|r| with_containers(&conn, r)).transpose()
     }
 
     pub fn apps(&self) -> Result<Vec<AppRow>> {
@@ -429,7 +452,84 @@ impl Store {
         let rows = stmt
             .query_map([], app_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.into_iter().collect()
+        rows.into_iter()
+            .map(|r| with_containers(&conn, r?))
+            .collect()
+    }
+
+    // ---- data outside volumes ----
+
+    /// The app's data record, made (with fresh passwords and the lowest free id slot below
+    /// `slots`) if it has none. A record kept from an earlier install of the same name is
+    /// taken over as it is: the kept database and volumes stay reachable.
+    pub fn app_data_or_insert(
+        &self,
+        name: &AppName,
+        slots: u32,
+        mut password: impl FnMut() -> String,
+    ) -> Result<AppData> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if let Some(d) = get_app_data(&tx, name)? {
+            return Ok(d);
+        }
+        let taken: Vec<u32> = {
+            let mut stmt = tx.prepare("SELECT id_slot FROM app_data ORDER BY id_slot")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut slot = 0;
+        for t in &taken {
+            if *t == slot {
+                slot += 1;
+            } else if *t > slot {
+                break;
+            }
+        }
+        if slot >= slots {
+            return Err(StoreError::AddressesExhausted(taken.len()));
+        }
+        let d = AppData {
+            db_password: password(),
+            cache_password: password(),
+            id_slot: slot,
+            kept: false,
+        };
+        tx.execute(
+            "INSERT INTO app_data (app, db_password, cache_password, id_slot, kept) VALUES (?1, ?2, ?3, ?4, 0)",
+            params![name.as_str(), d.db_password, d.cache_password, d.id_slot],
+        )?;
+        tx.commit()?;
+        Ok(d)
+    }
+
+    pub fn app_data(&self, name: &AppName) -> Result<Option<AppData>> {
+        get_app_data(&self.conn(), name)
+    }
+
+    /// Marks the data of an app being removed as kept (it outlives the app), or forgets it.
+    pub fn set_data_kept(&self, name: &AppName, kept: bool) -> Result<()> {
+        self.conn().execute(
+            "UPDATE app_data SET kept = ?2 WHERE app = ?1",
+            params![name.as_str(), kept],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_app_data(&self, name: &AppName) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM app_data WHERE app = ?1", [name.as_str()])?;
+        Ok(())
+    }
+
+    /// Data records no app owns and no earlier app kept: left by installs that did not finish.
+    pub fn unowned_app_data(&self) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT app FROM app_data WHERE kept = 0 AND app NOT IN (SELECT name FROM apps) ORDER BY app",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Changes what the app should be doing; a history entry records who and when.
@@ -679,6 +779,49 @@ fn image_row(r: &rusqlite::Row) -> rusqlite::Result<Result<ImageRow>> {
     })())
 }
 
+fn put_containers(tx: &Connection, app: &AppName, containers: &[ContainerImage]) -> Result<()> {
+    for c in containers {
+        tx.execute(
+            "INSERT INTO app_containers (app, container, image_id, pinned) VALUES (?1, ?2, ?3, ?4)",
+            params![app.as_str(), c.container, c.image_id, c.pinned],
+        )?;
+    }
+    Ok(())
+}
+
+fn with_containers(conn: &Connection, mut row: AppRow) -> Result<AppRow> {
+    let mut stmt = conn.prepare(
+        "SELECT container, image_id, pinned FROM app_containers WHERE app = ?1 ORDER BY container",
+    )?;
+    row.containers = stmt
+        .query_map([row.name.as_str()], |r| {
+            Ok(ContainerImage {
+                container: r.get(0)?,
+                image_id: r.get(1)?,
+                pinned: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(row)
+}
+
+fn get_app_data(conn: &Connection, name: &AppName) -> Result<Option<AppData>> {
+    Ok(conn
+        .query_row(
+            "SELECT db_password, cache_password, id_slot, kept FROM app_data WHERE app = ?1",
+            [name.as_str()],
+            |r| {
+                Ok(AppData {
+                    db_password: r.get(0)?,
+                    cache_password: r.get(1)?,
+                    id_slot: r.get(2)?,
+                    kept: r.get(3)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
 fn app_row(r: &rusqlite::Row) -> rusqlite::Result<Result<AppRow>> {
     let name: String = r.get(0)?;
     let phase: String = r.get(4)?;
@@ -710,6 +853,7 @@ fn app_row(r: &rusqlite::Row) -> rusqlite::Result<Result<AppRow>> {
             desired: Desired::parse(&desired)?,
             created_at,
             updated_at,
+            containers: Vec::new(),
         })
     })())
 }
@@ -738,7 +882,77 @@ mod tests {
             desired: Desired::Running,
             created_at: now_ms(),
             updated_at: now_ms(),
+            containers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn container_images_count_as_uses_and_go_with_the_app() {
+        let (_d, s) = store();
+        let l = s.begin_layer(&d(1), None, "tar", 1).unwrap();
+        let main = s
+            .insert_image(&d(2), &d(3), b"{}", &[l], "r:1", &d(2))
+            .unwrap();
+        let worker = s
+            .insert_image(&d(4), &d(5), b"{}", &[l], "w:1", &d(4))
+            .unwrap();
+        let mut row = app("wiki", main);
+        row.containers = vec![ContainerImage {
+            container: "worker".into(),
+            image_id: worker,
+            pinned: "w:1@x".into(),
+        }];
+        s.insert_app(&row, "root", "installed").unwrap();
+        let name = AppName::try_from("wiki").unwrap();
+        assert_eq!(s.app(&name).unwrap().unwrap().containers, row.containers);
+        assert!(
+            !s.delete_image_if_unused(worker).unwrap(),
+            "used by a container"
+        );
+        let usage = s.images().unwrap();
+        assert_eq!(usage[1].apps, ["wiki"]);
+        row.containers.clear();
+        s.update_app(&row, "root", "worker gone").unwrap();
+        assert!(s.app(&name).unwrap().unwrap().containers.is_empty());
+        assert!(s.delete_image_if_unused(worker).unwrap());
+    }
+
+    #[test]
+    fn app_data_is_made_once_kept_or_found_unowned() {
+        let (_d, s) = store();
+        let n = |x: &str| AppName::try_from(x).unwrap();
+        let mut i = 0;
+        let mut pw = || {
+            i += 1;
+            format!("pw{i}")
+        };
+        let a = s.app_data_or_insert(&n("a"), 2, &mut pw).unwrap();
+        assert_eq!(
+            (a.id_slot, a.db_password.as_str(), a.kept),
+            (0, "pw1", false)
+        );
+        assert_eq!(
+            s.app_data_or_insert(&n("a"), 2, &mut pw).unwrap(),
+            a,
+            "stable"
+        );
+        assert_eq!(
+            s.app_data_or_insert(&n("b"), 2, &mut pw).unwrap().id_slot,
+            1
+        );
+        assert!(
+            s.app_data_or_insert(&n("c"), 2, &mut pw).is_err(),
+            "slots exhausted"
+        );
+        // Neither was recorded as an app: both are left by unfinished installs, unless kept.
+        assert_eq!(s.unowned_app_data().unwrap(), ["a", "b"]);
+        s.set_data_kept(&n("a"), true).unwrap();
+        assert_eq!(s.unowned_app_data().unwrap(), ["b"]);
+        s.delete_app_data(&n("b")).unwrap();
+        assert_eq!(
+            s.app_data_or_insert(&n("c"), 2, &mut pw).unwrap().id_slot,
+            1
+        );
     }
 
     #[test]
