@@ -11,7 +11,7 @@ use homeport::api::client::Client;
 use homeport::api::types::{
     AppDetail, AppSummary, HistoryEntry, ImageInfo, Progress, PruneReport, RunState, ValidateReply,
 };
-use homeport::manifest::Manifest;
+use homeport::manifest::{compose, Manifest};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +89,17 @@ enum Cmd {
     },
     /// Check a manifest file without installing it.
     Validate { file: PathBuf },
+    /// Draft a manifest from a docker-compose file (runs here, needs no agent).
+    Import {
+        /// The compose file (compose.yml, docker-compose.yml).
+        file: PathBuf,
+        /// The service that is the app's web server, when the file has several candidates.
+        #[arg(long)]
+        service: Option<String>,
+        /// Write the draft to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Print the device CA's certificate (PEM), for phones and laptops to trust.
     Ca,
 }
@@ -129,6 +140,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let c = Client::new(&cli.socket);
     let json = cli.json;
     match cli.cmd {
+        Cmd::Import {
+            file,
+            service,
+            output,
+        } => import(&file, service.as_deref(), output.as_deref(), json),
         Cmd::Validate { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("read {}", file.display()))?;
@@ -312,6 +328,40 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `homeport import`: the draft on stdout (or `-o FILE`), warnings and notes on stderr.
+fn import(
+    file: &std::path::Path,
+    service: Option<&str>,
+    output: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let draft = compose::import(&text, service).with_context(|| file.display().to_string())?;
+    for w in &draft.warnings {
+        eprintln!("warning: {w}");
+    }
+    for n in &draft.notes {
+        eprintln!("note: {n}");
+    }
+    match output {
+        Some(out) => {
+            std::fs::write(out, &draft.toml).with_context(|| format!("write {}", out.display()))?;
+            let n = draft.warnings.len();
+            eprintln!(
+                "wrote {} ({n} warning{}): check it with `homeport validate {}`",
+                out.display(),
+                if n == 1 { "" } else { "s" },
+                out.display()
+            );
+        }
+        None if json => {
+            print_json(&draft)?;
+        }
+        None => print!("{}", draft.toml),
+    }
+    Ok(0)
 }
 
 async fn lifecycle(c: &Client, app: &str, verb: &str, json: bool) -> anyhow::Result<i32> {
