@@ -4,12 +4,14 @@ set -euo pipefail
 pkgs=(
   gcc g++ pkg-config libseccomp-dev      # build: libcontainer links libseccomp; libFuzzer is C++
   docker-registry skopeo umoci           # tests: a real OCI registry, images built and pushed
+  mmdebstrap                             # tests: the MediaWiki image (built once, cached)
   busybox-static apache2-utils openssl   # tests: image contents, htpasswd, token-auth keys
   ca-certificates util-linux iproute2    # mount, ip (the harness builds test networks)
   nftables                               # the agent's firewall (libnftables1) and tests' nft
   pebble curl testssl.sh                 # tests: a real ACME server; HTTPS client; TLS scan
   crun iperf3                            # benchmarks: what we compare against
   nginx wrk nghttp2-client               # benchmarks: the proxy against nginx, wrk, h2load
+  postgresql-15 redis-server             # the shared database and the apps' caches
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -17,6 +19,9 @@ for p in "${pkgs[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
+  # The agent runs its own PostgreSQL cluster; Debian's default one would only hold port 5432.
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/homeport.conf
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The benchmark runs nginx itself; a system nginx that the package started would hold port 80.

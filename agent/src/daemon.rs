@@ -865,8 +865,11 @@ impl Inner {
                     std::fs::create_dir_all(&d).map_err(io)?;
                     let mode = std::fs::metadata(&d).map_err(io)?.permissions().mode();
                     if mode & 0o001 == 0 {
-                        std::fs::set_permissions(&d, std::fs::Permissions::from_mode((mode & 0o7770) | 0o001))
-                            .map_err(io)?;
+                        std::fs::set_permissions(
+                            &d,
+                            std::fs::Permissions::from_mode((mode & 0o7770) | 0o001),
+                        )
+                        .map_err(io)?;
                     }
                 }
                 let grants = self.db_grants(None)?;
@@ -1002,7 +1005,11 @@ impl Inner {
                 continue;
             }
             if let Some(h) = Manifest::parse(&row.manifest)?.https {
-                let ip = self.network.app_address(&row.name);
+                // IPv4: many apps listen on 0.0.0.0 only, and those on [::] take IPv4 too.
+                let host = self
+                    .store
+                    .allocate_ipv4(&row.name, crate::net::AppsNet4::hosts())?;
+                let ip = self.network.app_ipv4(host);
                 routes.push(crate::proxy::Route {
                     upstream: std::net::SocketAddr::from((ip, h.port)),
                     body_limit: h.body_limit,
@@ -1622,6 +1629,9 @@ impl Supervisor {
             if let Ok(row) = self.inner.installed(&self.name) {
                 if let Ok(m) = Manifest::parse(&row.manifest) {
                     self.health = m.health.map(|h| (h, tokio::time::Instant::now()));
+                    if self.health.is_some() {
+                        self.set_health(HealthState::Starting);
+                    }
                 }
             }
         }

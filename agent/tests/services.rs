@@ -47,7 +47,18 @@ async fn env_of(w: &World, app: &str) -> Result<BTreeMap<String, String>> {
 fn psql_in(ns: &Path, url: &str, sql: &str) -> Result<String> {
     let out = Command::new("nsenter")
         .arg(format!("--net={}", ns.display()))
-        .args(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+        .args([
+            "psql",
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            url,
+            "-c",
+            sql,
+        ])
         .env("PGCONNECT_TIMEOUT", "5")
         .output()
         .context("run psql")?;
@@ -119,10 +130,7 @@ async fn each_app_gets_its_own_database_cache_and_volume_owner() -> Result<()> {
     let pg_host = env["PGHOST"].clone();
     assert_eq!(
         env["WHERE"],
-        format!(
-            "app_one at {pg_host}:5432 for {}",
-            env["HOMEPORT_HOSTNAME"]
-        )
+        format!("app_one at {pg_host}:5432 for {}", env["HOMEPORT_HOSTNAME"])
     );
     assert!(env["HOMEPORT_URL"].starts_with("https://one-"));
     let redis_url = env["REDIS_URL"].clone();
@@ -136,7 +144,11 @@ async fn each_app_gets_its_own_database_cache_and_volume_owner() -> Result<()> {
 
     // Its own database, from its own address, with its credentials: full rights.
     let (one_ns, two_ns) = (netns(&w, "one"), netns(&w, "two"));
-    psql_in(&one_ns, &url, "CREATE TABLE notes (t text); INSERT INTO notes VALUES ('kept')")?;
+    psql_in(
+        &one_ns,
+        &url,
+        "CREATE TABLE notes (t text); INSERT INTO notes VALUES ('kept')",
+    )?;
     assert_eq!(psql_in(&one_ns, &url, "SELECT t FROM notes")?, "kept");
     // Nothing else: A's credentials from B's address, B's role to A's database, B's
     // credentials from A's address, the superuser, a guessed role.
@@ -144,7 +156,11 @@ async fn each_app_gets_its_own_database_cache_and_volume_owner() -> Result<()> {
     for (ns, target, what) in [
         (&two_ns, url.clone(), "one's credentials from two's address"),
         (&two_ns, two_to_one.clone(), "two's role to one's database"),
-        (&one_ns, two_url.clone(), "two's credentials from one's address"),
+        (
+            &one_ns,
+            two_url.clone(),
+            "two's credentials from one's address",
+        ),
         (
             &one_ns,
             format!("postgresql://postgres@{pg_host}:5432/postgres"),
@@ -161,7 +177,8 @@ async fn each_app_gets_its_own_database_cache_and_volume_owner() -> Result<()> {
             Err(e) => {
                 let e = e.to_string();
                 assert!(
-                    e.contains("no pg_hba.conf entry") || e.contains("password authentication failed"),
+                    e.contains("no pg_hba.conf entry")
+                        || e.contains("password authentication failed"),
                     "{what}: {e}"
                 );
             }
@@ -211,20 +228,30 @@ async fn each_app_gets_its_own_database_cache_and_volume_owner() -> Result<()> {
     let (code, out) = exec(&c, "one", &["touch", "/data/made-inside"]).await?;
     assert_eq!(code, 0, "{out}");
     // exec runs as root inside: root of the app's range on the disk, not the host's root.
-    assert_eq!(std::fs::metadata(host.join("made-inside"))?.uid(), owner - 33);
+    assert_eq!(
+        std::fs::metadata(host.join("made-inside"))?.uid(),
+        owner - 33
+    );
     let two_owner = std::fs::metadata(w.agent.data_dir().join("volumes/two/data"))?.uid();
     assert_ne!(owner, two_owner, "two apps share an id range");
 
     // rm keeps the database (like volumes); a reinstall finds its data again.
     c.delete("/v1/apps/one").await?;
     assert_eq!(
-        psql_admin(&w, "SELECT count(*) FROM pg_database WHERE datname = 'app_one'")?,
+        psql_admin(
+            &w,
+            "SELECT count(*) FROM pg_database WHERE datname = 'app_one'"
+        )?,
         "1"
     );
-    c.install(&manifest_with_services(&w, "one"), |_| {}).await?;
+    c.install(&manifest_with_services(&w, "one"), |_| {})
+        .await?;
     wait_running(&c, "one").await?;
     let url = env_of(&w, "one").await?["DATABASE_URL"].clone();
-    assert_eq!(psql_in(&netns(&w, "one"), &url, "SELECT t FROM notes")?, "kept");
+    assert_eq!(
+        psql_in(&netns(&w, "one"), &url, "SELECT t FROM notes")?,
+        "kept"
+    );
     assert_eq!(std::fs::metadata(&host)?.uid(), owner, "same range again");
     // rm --purge-data drops it, and its role.
     c.delete("/v1/apps/one?purge_data=true").await?;
@@ -265,14 +292,18 @@ command = ["sh", "-c", "echo start >> /data/starts"]
     let vol = w.agent.data_dir().join("volumes/hooked/data");
     let installed = std::fs::read_to_string(vol.join("installed"))?;
     assert!(
-        installed.starts_with("postgresql://app_hooked:") && installed.trim_end().ends_with(" app_hooked"),
+        installed.starts_with("postgresql://app_hooked:")
+            && installed.trim_end().ends_with(" app_hooked"),
         "{installed}"
     );
     assert_eq!(std::fs::read_to_string(vol.join("starts"))?, "start\n");
     c.post::<serde_json::Value, _>("/v1/apps/hooked/restart", &serde_json::json!({}))
         .await?;
     wait_running(&c, "hooked").await?;
-    assert_eq!(std::fs::read_to_string(vol.join("starts"))?, "start\nstart\n");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("starts"))?,
+        "start\nstart\n"
+    );
     assert_eq!(
         std::fs::read_to_string(vol.join("installed"))?,
         installed,
@@ -287,15 +318,25 @@ command = ["sh", "-c", "echo start >> /data/starts"]
     );
     let err = c.install(&m, |_| {}).await.expect_err("the hook fails");
     let text = err.to_string();
-    assert!(text.contains("install hook") && text.contains("exited with code 3"), "{text}");
+    assert!(
+        text.contains("install hook") && text.contains("exited with code 3"),
+        "{text}"
+    );
     assert!(c.get::<serde_json::Value>("/v1/apps/broken").await.is_err());
     assert!(!w.agent.data_dir().join("apps/broken").exists());
     assert_eq!(
-        psql_admin(&w, "SELECT count(*) FROM pg_roles WHERE rolname = 'app_broken'")?,
+        psql_admin(
+            &w,
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'app_broken'"
+        )?,
         "0"
     );
     // The name is free again, with a hook that works.
-    let m = w.manifest("broken", "hello:1", "[database]\n[[hook]]\nwhen = \"install\"\ncommand = [\"true\"]\n");
+    let m = w.manifest(
+        "broken",
+        "hello:1",
+        "[database]\n[[hook]]\nwhen = \"install\"\ncommand = [\"true\"]\n",
+    );
     c.install(&m, |_| {}).await?;
     Ok(())
 }
@@ -337,7 +378,10 @@ start_period = "1s"
     })
     .await?;
     // Its own env over the app's; the app's web server over the shared loopback.
-    assert_eq!(std::fs::read_to_string(vol.join("who"))?, "worker-background\n");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("who"))?,
+        "worker-background\n"
+    );
     assert!(std::fs::read_to_string(vol.join("fetched"))?.contains(&marker("1")));
     wait_for("healthy", Duration::from_secs(20), || async {
         Ok(summary(&c, "pair").await?.health == Some(HealthState::Healthy))
@@ -357,7 +401,9 @@ start_period = "1s"
     wait_running(&c, "pair").await?;
     let events = inspect(&c, "pair").await?.events;
     assert!(
-        events.iter().any(|e| e.kind == "crash" && e.message.contains("pair--worker")),
+        events
+            .iter()
+            .any(|e| e.kind == "crash" && e.message.contains("pair--worker")),
         "{events:?}"
     );
 
@@ -374,20 +420,29 @@ start_period = "1s"
     .await?;
     let events = inspect(&c, "pair").await?.events;
     assert!(
-        events.iter().any(|e| e.kind == "health" && e.message.contains("failed (2/2)")),
+        events
+            .iter()
+            .any(|e| e.kind == "health" && e.message.contains("failed (2/2)")),
         "{events:?}"
     );
-    assert!(events.iter().any(|e| e.kind == "crash" && e.message.contains("unhealthy")));
-    wait_for("healthy after the restart", Duration::from_secs(20), || async {
-        Ok(summary(&c, "pair").await?.health == Some(HealthState::Healthy))
-    })
+    assert!(events
+        .iter()
+        .any(|e| e.kind == "crash" && e.message.contains("unhealthy")));
+    wait_for(
+        "healthy after the restart",
+        Duration::from_secs(20),
+        || async { Ok(summary(&c, "pair").await?.health == Some(HealthState::Healthy)) },
+    )
     .await?;
 
     // A manifest without the worker: its container goes with the update.
     let m2 = w.manifest("pair", "hello:1", "[https]\nport = 8080\n");
     c.update("pair", Some(&m2), |_| {}).await?;
     wait_running(&c, "pair").await?;
-    assert!(find_process("sleep 1001").is_none(), "the dropped worker still runs");
+    assert!(
+        find_process("sleep 1001").is_none(),
+        "the dropped worker still runs"
+    );
     assert!(!w.agent.data_dir().join("apps/pair/c/worker").exists());
     Ok(())
 }

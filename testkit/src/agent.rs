@@ -413,9 +413,17 @@ impl Drop for AgentProcess {
 pub fn kill_services(data: &Path) {
     let mut pids: Vec<i32> = Vec::new();
     let first_line = |p: PathBuf| -> Option<i32> {
-        std::fs::read_to_string(p).ok()?.lines().next()?.trim().parse().ok()
+        std::fs::read_to_string(p)
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     };
-    pids.extend(first_line(data.join("services/postgres/data/postmaster.pid")));
+    pids.extend(first_line(
+        data.join("services/postgres/data/postmaster.pid"),
+    ));
     if let Ok(apps) = std::fs::read_dir(data.join("apps")) {
         for a in apps.flatten() {
             pids.extend(first_line(a.path().join("cache/cache.pid")));

@@ -21,6 +21,7 @@
 mod agent;
 mod image;
 mod images;
+pub mod mediawiki;
 mod networld;
 mod pebble;
 mod registry;

@@ -560,12 +560,11 @@ fn prepare_files(paths: &Paths, ca_pem: &str, plan: &AppPlan) -> Result<()> {
         let base = plan.id_base.unwrap_or(0);
         if !host.exists() {
             std::fs::create_dir_all(&host).map_err(io(format!("create {}", host.display())))?;
-            let user = container_user(&rootfs, &plan.main).map_err(|message| {
-                RuntimeError::Image {
+            let user =
+                container_user(&rootfs, &plan.main).map_err(|message| RuntimeError::Image {
                     app: name.clone(),
                     message,
-                }
-            })?;
+                })?;
             chown(host.as_path(), Some(base + user.uid), Some(base + user.gid))
                 .map_err(io(format!("chown {}", host.display())))?;
         }
