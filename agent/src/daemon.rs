@@ -601,6 +601,11 @@ impl Agent {
         self.inner.proxy.ca_pem().to_string()
     }
 
+    /// TLS with the device's certificate, for the API over the network.
+    pub fn api_tls(&self) -> std::io::Result<Arc<rustls::ServerConfig>> {
+        self.inner.proxy.api_tls()
+    }
+
     /// Stops supervising (apps keep running; a new agent re-adopts them).
     pub fn detach(&self) {
         lock(&self.inner.apps).clear();

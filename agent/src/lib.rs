@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md at the repository root for the code map and invariants.
 
 pub mod api;
+pub mod appliance;
 pub mod daemon;
 pub mod images;
 pub mod manifest;

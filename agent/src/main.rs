@@ -52,6 +52,10 @@ struct Args {
     /// /usr/lib/postgresql).
     #[arg(long, env = "HOMEPORT_POSTGRES_BIN")]
     postgres_bin: Option<PathBuf>,
+    /// Where the API is also served over TLS for the owner's token; `off` for nowhere
+    /// (default: `[::]:8443` on the appliance, off in host mode).
+    #[arg(long, env = "HOMEPORT_API_LISTEN", value_parser = listen_addr)]
+    api_listen: Option<Listen>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -166,18 +170,67 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         postgres_bin: args.postgres_bin.clone(),
     };
+    let appliance = homeport::appliance::Appliance::detect();
+    if let Some(a) = &appliance {
+        tracing::info!(version = %a.version, slot = ?a.slot, "running as the appliance");
+        homeport::appliance::start_network();
+    }
     let agent = Arc::new(Agent::start(config).await?);
     let listener = bind(&socket)?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let api_listen = match args.api_listen {
+        Some(l) => l.0,
+        None if appliance.is_some() => Some(std::net::SocketAddr::from((
+            std::net::Ipv6Addr::UNSPECIFIED,
+            8443,
+        ))),
+        None => None,
+    };
+    let mut tcp_api = None;
+    if let Some(addr) = api_listen {
+        let (token, made) =
+            homeport::appliance::owner_token(&args.data_dir).context("the owner's API token")?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen for the API on {addr}"))?;
+        let tls = agent.api_tls().context("the API's TLS configuration")?;
+        if made {
+            // Shown once, on the console (physical access): pairing replaces it later.
+            println!("homeport: owner token={token}");
+        }
+        println!(
+            "homeport: device ca sha256={}",
+            homeport::appliance::ca_fingerprint(&agent.ca_pem()).unwrap_or_default()
+        );
+        let mut rx = shutdown_rx.clone();
+        tcp_api = Some(tokio::spawn(homeport::api::serve_tls(
+            agent.clone(),
+            tcp,
+            tls,
+            token.into(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        )));
+        tracing::info!(%addr, "API served over TLS");
+    }
     tracing::info!(socket = %socket.display(), "homeportd ready");
-    let shutdown = async {
+    if let Some(a) = &appliance {
+        println!("{}", a.ready_line());
+    }
+    let shutdown = async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
+        let _ = shutdown_tx.send(true);
     };
     homeport::api::serve(agent.clone(), listener, shutdown).await;
+    if let Some(t) = tcp_api {
+        let _ = t.await;
+    }
     // Apps keep running; the next agent re-adopts them.
     agent.detach();
     let _ = std::fs::remove_file(&socket);

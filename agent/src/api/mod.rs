@@ -157,6 +157,83 @@ pub async fn serve(
     }
 }
 
+/// Serves the API over TCP with TLS (the appliance's API on the network) until `shutdown`
+/// resolves. Every request but `GET /v1/ca.crt` (public, so a client can pin it) needs
+/// `Authorization: Bearer <token>`.
+pub async fn serve_tls(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    token: Arc<str>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "api accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (agent, acceptor, token) = (agent.clone(), acceptor.clone(), token.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let actor = Actor(format!("owner from {}", peer.ip()));
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (agent, actor, token) = (agent.clone(), actor.clone(), token.clone());
+                        async move {
+                            let public = req.method() == Method::GET && req.uri().path() == "/v1/ca.crt";
+                            if !public && !bearer_matches(&req, &token) {
+                                return Ok::<_, Infallible>(json_status(
+                                    StatusCode::UNAUTHORIZED,
+                                    &ApiError {
+                                        status: 401,
+                                        message: "this needs the owner's token: Authorization: Bearer <token>".into(),
+                                        problems: Vec::new(),
+                                    },
+                                ));
+                            }
+                            Ok(handle(agent, actor, req).await)
+                        }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .header_read_timeout(Duration::from_secs(10))
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "api connection ended");
+                    }
+                });
+            }
+            _ = &mut shutdown => return,
+        }
+    }
+}
+
+/// Whether the request carries the token, compared in constant time.
+fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Only root (or the agent's own user) may talk to the agent; the socket mode says so too.
 fn actor_of(stream: &UnixStream) -> Option<Actor> {
     let cred = stream.peer_cred().ok()?;

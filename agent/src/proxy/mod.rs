@@ -328,6 +328,20 @@ impl Proxy {
         self.certs.ca.cert_pem()
     }
 
+    /// A TLS configuration with the device's own certificates (its names under the device
+    /// CA), for the agent's API over TCP: HTTP/1.1 only.
+    pub fn api_tls(&self) -> std::io::Result<Arc<rustls::ServerConfig>> {
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth()
+        .with_cert_resolver(self.certs.clone());
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(tls))
+    }
+
     /// Replaces the routing table; connections in flight are not disturbed.
     pub fn set_routes(&self, routes: impl IntoIterator<Item = Route>) {
         let routes: Vec<Route> = routes.into_iter().collect();

@@ -1,0 +1,109 @@
+//! The API over the network: TLS with the device CA's certificate, the owner's token for
+//! everything but the CA certificate itself.
+
+mod common;
+
+use anyhow::{Context, Result};
+use common::*;
+use homeport::api::types::AppSummary;
+
+#[tokio::test]
+async fn the_network_api_needs_the_owners_token_over_tls() -> Result<()> {
+    let registry = homeport_testkit::Registry::start()?;
+    push_hello(&registry, "hello", "1")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut opts = opts_for(&registry.host());
+    opts.env
+        .push(("HOMEPORT_API_LISTEN".into(), format!("127.0.0.1:{port}")));
+    let agent = start_agent(opts)?;
+    let token = std::fs::read_to_string(agent.data_dir().join("owner-token"))?;
+    assert_eq!(token.len(), 64);
+    let local_ca = agent.client().text("/v1/ca.crt").await?;
+
+    // The CA certificate is public: a client fetches it unverified, then pins it by the
+    // fingerprint the console showed.
+    let base = format!("https://homeport.local:{port}");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let unverified = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve("homeport.local", addr)
+        .build()?;
+    let ca = unverified
+        .get(format!("{base}/v1/ca.crt"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert_eq!(ca, local_ca);
+    let fingerprint = homeport::appliance::ca_fingerprint(&ca).context("a PEM certificate")?;
+    assert!(
+        agent
+            .log()
+            .contains(&format!("homeport: device ca sha256={fingerprint}")),
+        "the console shows the CA's fingerprint"
+    );
+    assert!(agent
+        .log()
+        .contains(&format!("homeport: owner token={token}")));
+
+    let pinned = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+        .resolve("homeport.local", addr)
+        .build()?;
+    for auth in [
+        None,
+        Some("Bearer nope"),
+        Some(&*format!("Bearer {token}x")),
+    ] {
+        let mut r = pinned.get(format!("{base}/v1/apps"));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        assert_eq!(r.send().await?.status(), 401, "{auth:?}");
+    }
+    let manifest = format!(
+        "name = \"remote\"\nimage = \"{}/hello:1\"\n",
+        registry.host()
+    );
+    let installed = pinned
+        .post(format!("{base}/v1/apps"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(
+            &serde_json::json!({ "manifest": manifest }),
+        )?)
+        .send()
+        .await?;
+    assert!(
+        installed.status().is_success(),
+        "{}",
+        installed.text().await?
+    );
+    let _ = installed.text().await?;
+    let apps: Vec<AppSummary> = serde_json::from_str(
+        &pinned
+            .get(format!("{base}/v1/apps"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .text()
+            .await?,
+    )?;
+    assert_eq!(apps.len(), 1);
+    assert_eq!(apps[0].name, "remote");
+    let history = pinned
+        .get(format!("{base}/v1/apps/remote/history"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        history.to_string().contains("owner from 127.0.0.1"),
+        "the history names who: {history}"
+    );
+    Ok(())
+}
