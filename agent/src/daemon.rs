@@ -324,7 +324,7 @@ impl Agent {
                 }
                 Response::Apps(out)
             }
-            Command::Inspect(name) => Response::App(Box::new(i.inspect(&name)?)),
+            Command::Inspect(name) => Response::App(Box::new(i.inspect(&name).await?)),
             Command::Start(name, actor) => {
                 i.installed(&name)?;
                 i.store.set_desired(&name, Desired::Running, &actor.0)?;
@@ -1124,6 +1124,7 @@ impl Inner {
             self.start_cache(plan).await?;
             self.run_hooks(plan, crate::manifest::HookWhen::Install)
                 .await?;
+            crate::crashpoint("install:hooked");
         }
         let detail = format!("installed {} pinned to {}", manifest.image, row.pinned);
         // The firewall lets the app be reached before it is recorded; a crash in between is
@@ -1244,7 +1245,7 @@ impl Inner {
         Ok(())
     }
 
-    fn inspect(&self, name: &AppName) -> Result<AppDetail> {
+    async fn inspect(&self, name: &AppName) -> Result<AppDetail> {
         let row = self.installed(name)?;
         let plan = self.plan(&row)?;
         let image = self.store.image(row.image_id)?;
@@ -1268,7 +1269,33 @@ impl Inner {
                 }
             })
             .collect();
+        let database = match plan.manifest.database {
+            None => None,
+            Some(_) => {
+                let db = db_ident(name);
+                let bytes = match self.postgres.get() {
+                    Some(pg) => pg.database_bytes(&db).await.ok(),
+                    None => None,
+                };
+                Some(crate::api::types::DatabaseInfo {
+                    address: format!("{}:{POSTGRES_PORT}", self.network.apps_net4().gateway()),
+                    name: db.clone(),
+                    user: db,
+                    bytes,
+                })
+            }
+        };
+        let cache = plan.manifest.cache.map(|c| {
+            let running = lock(&self.caches).get(name).cloned();
+            crate::api::types::CacheInfo {
+                address: format!("127.0.0.1:{}", crate::services::cache::PORT),
+                max_memory: c.memory_bytes,
+                memory_bytes: running.and_then(|r| r.memory().ok()).map(|m| m.private),
+            }
+        });
         Ok(AppDetail {
+            database,
+            cache,
             summary: self.summary(&row),
             command: spec::args(&plan.main.image, plan.main.command.as_deref()),
             manifest: row.manifest.clone(),

@@ -132,6 +132,67 @@ async fn killed_after_the_install_is_recorded() -> Result<()> {
     crash_install_at("install:recorded", true).await
 }
 
+/// An install with a database, a cache and an install hook, killed after the database was
+/// made or after the hook ran: after the restart, nothing of it is left on the shared server
+/// and no cache server runs for it, and it installs again.
+async fn crash_install_with_services_at(point: &str) -> Result<()> {
+    let mut w = World::new()?;
+    let manifest = w.manifest(
+        "svc",
+        "hello:1",
+        "[database]\n[cache]\n[[hook]]\nwhen = \"install\"\ncommand = [\"true\"]\n",
+    );
+    w.agent.kill9();
+    w.agent.spawn_with_env("HOMEPORT_CRASHPOINT", point)?;
+    let r = w.client().install(&manifest, |_| {}).await;
+    assert!(r.is_err(), "{point}: the agent should have died");
+    w.agent.wait_exit(Duration::from_secs(10))?;
+    w.agent.spawn()?;
+    let c = w.client();
+    let apps: Vec<AppSummary> = c.get("/v1/apps").await?;
+    assert!(apps.is_empty(), "{point}: {apps:?}");
+    assert_absent_cleanly(&w.agent, "svc");
+    let roles = std::process::Command::new("psql")
+        .args(["-X", "-A", "-t", "-U", "postgres", "-d", "postgres", "-h"])
+        .arg(w.agent.data_dir().join("services/postgres/run"))
+        .args([
+            "-c",
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'app_svc'",
+        ])
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&roles.stdout).trim(),
+        "0",
+        "{point}: {}",
+        String::from_utf8_lossy(&roles.stderr)
+    );
+    let caches: Vec<String> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path().join("cwd")).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| {
+            p.starts_with(&w.agent.data_dir().display().to_string()) && p.contains("/cache")
+        })
+        .collect();
+    assert!(caches.is_empty(), "{point}: cache servers left: {caches:?}");
+    context(
+        c.install(&manifest, |_| {}).await.map_err(Into::into),
+        &w.agent,
+    )?;
+    wait_running(&c, "svc").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn killed_after_the_database_is_made() -> Result<()> {
+    crash_install_with_services_at("install:provisioned").await
+}
+
+#[tokio::test]
+async fn killed_after_the_install_hooks_ran() -> Result<()> {
+    crash_install_with_services_at("install:hooked").await
+}
+
 async fn crash_remove_at(point: &str) -> Result<()> {
     let mut w = World::new()?;
     let c = w.client();

@@ -11,7 +11,7 @@ mod common;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use common::*;
 use homeport::api::types::AgentInfo;
 use homeport_testkit::{AgentOpts, NetWorld, Registry};
@@ -122,7 +122,7 @@ async fn apps_reach_out_stay_apart_and_publish_only_declared_ports() -> Result<(
     let b = c
         .install(
             &format!(
-                "name = \"b\"\nimage = \"{}\"\n[https]\nport = 8080\n",
+                "name = \"b\"\nimage = \"{}\"\n[https]\nport = 8080\n[database]\n",
                 image("2")
             ),
             |_| {},
@@ -243,6 +243,61 @@ async fn apps_reach_out_stay_apart_and_publish_only_declared_ports() -> Result<(
         format!("http://{}:8080/", b.ipv4),
     ] {
         assert_eq!(fetch_in(&world, lan, &url), None, "the LAN reached {url}");
+    }
+
+    // The shared database: app b reaches it on the gateway with its credentials; the LAN
+    // reaches it on no address of the device's, not even with routes to the apps' nets.
+    let (_, env) = exec(&c, "b", &["env"]).await?;
+    let url = env
+        .lines()
+        .find_map(|l| l.strip_prefix("DATABASE_URL="))
+        .context("b's DATABASE_URL")?
+        .to_string();
+    let b_ns = agent.data_dir().join("apps/b/netns");
+    let psql = |ns: &str, url: &str| {
+        world.run(
+            ns,
+            &[
+                "env",
+                "PGCONNECT_TIMEOUT=3",
+                "psql",
+                "-X",
+                "-A",
+                "-t",
+                url,
+                "-c",
+                "SELECT 42",
+            ],
+        )
+    };
+    let from_b = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", b_ns.display()))
+        .args(["psql", "-X", "-A", "-t", &url, "-c", "SELECT 42"])
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&from_b.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&from_b.stderr)
+    );
+    let gateway4 = url
+        .split('@')
+        .nth(1)
+        .and_then(|h| h.split(':').next())
+        .context("the database host")?
+        .to_string();
+    let gateway6 = format!("[{}1]", info.apps_prefix.trim_end_matches("/64"));
+    for host in [gateway4.as_str(), &gateway6, "192.168.77.2", "[fd77::2]"] {
+        let lan_url = url.replace(&format!("@{gateway4}:"), &format!("@{host}:"));
+        let out = psql(lan, &lan_url)?;
+        // Not even the server's refusal comes back: no connection at all.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && (err.contains("timeout expired") || err.contains("Connection refused")),
+            "the LAN reached the database at {host}: {} {err}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 
     // A second app cannot publish the same device port.

@@ -218,6 +218,18 @@ async fn each_app_gets_its_own_database_cache_and_volume_owner() -> Result<()> {
     .await?;
     assert!(code == 0 && out.contains("one's"), "nc: {code} {out}");
 
+    // inspect shows both, with their sizes.
+    let d = inspect(&c, "one").await?;
+    let db = d.database.context("inspect shows the database")?;
+    assert_eq!((db.name.as_str(), db.user.as_str()), ("app_one", "app_one"));
+    assert!(db.bytes.is_some_and(|b| b > 1 << 20), "{db:?}");
+    let cache = d.cache.context("inspect shows the cache")?;
+    assert_eq!(cache.max_memory, 16 << 20);
+    assert!(
+        cache.memory_bytes.is_some_and(|m| m > 0 && m < 5 << 20),
+        "a cache costs less than 5 MiB of its own: {cache:?}"
+    );
+
     // The volume: the app's uid inside, its own range outside.
     let host = w.agent.data_dir().join("volumes/one/data");
     let owner = std::fs::metadata(&host)?.uid();

@@ -96,11 +96,36 @@ pub struct AppDetail {
     pub image_bytes: u64,
     pub command: Vec<String>,
     pub volumes: Vec<VolumeInfo>,
+    /// Its database on the shared server (`[database]`).
+    #[serde(default)]
+    pub database: Option<DatabaseInfo>,
+    /// Its cache (`[cache]`).
+    #[serde(default)]
+    pub cache: Option<CacheInfo>,
     pub rootfs: String,
     pub log_file: String,
     pub created_at: i64,
     pub updated_at: i64,
     pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DatabaseInfo {
+    pub name: String,
+    pub user: String,
+    /// Where the app reaches it (`host:port`).
+    pub address: String,
+    /// On disk; `None` while the server does not answer.
+    pub bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheInfo {
+    /// Inside the app.
+    pub address: String,
+    pub max_memory: u64,
+    /// Memory of its own (private), while it runs.
+    pub memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

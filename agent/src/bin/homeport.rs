@@ -390,7 +390,13 @@ fn print_detail(d: &AppDetail) {
         s.desired,
         s.restarts
     );
-    println!("address:   {}", s.address);
+    if let Some(h) = s.health {
+        println!("health:    {h:?}");
+    }
+    println!("address:   {} {}", s.address, s.ipv4);
+    if let Some(u) = &s.url {
+        println!("url:       {u}");
+    }
     println!("image:     {}", s.image);
     println!("size:      {}", size(d.image_bytes));
     println!("command:   {}", d.command.join(" "));
@@ -412,6 +418,25 @@ fn print_detail(d: &AppDetail) {
                 size(v.bytes)
             );
         }
+    }
+    if let Some(db) = &d.database {
+        println!(
+            "database:  {} (user {}) at {}, {}",
+            db.name,
+            db.user,
+            db.address,
+            db.bytes.map_or_else(|| "size unknown".to_string(), size)
+        );
+    }
+    if let Some(c) = &d.cache {
+        println!(
+            "cache:     {} inside the app, up to {}{}",
+            c.address,
+            size(c.max_memory),
+            c.memory_bytes
+                .map(|m| format!(", using {}", size(m)))
+                .unwrap_or_default()
+        );
     }
     println!("manifest:");
     for l in d.manifest.lines() {

@@ -988,6 +988,20 @@ impl Postgres {
         Ok(())
     }
 
+    /// The size of a database on disk (`pg_database_size`).
+    pub async fn database_bytes(&self, database: &str) -> Result<u64> {
+        let client = self
+            .admin("postgres")
+            .await
+            .map_err(sql_err("connect", "postgres"))?;
+        let row = client
+            .query_one("SELECT pg_database_size($1)::bigint", &[&database])
+            .await
+            .map_err(sql_err("size", database))?;
+        let bytes: i64 = row.get(0);
+        Ok(u64::try_from(bytes).unwrap_or(0))
+    }
+
     /// The postmaster's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
         lock(&self.state).pid
