@@ -2,9 +2,10 @@
 //! Figures go to `target/bench/NAME.json` and to stdout. Not tests: nothing here fails for
 //! being slow.
 //!
-//! `homeport-bench [start|pull|memory|network|throughput|proxy|all] [--bin-dir target/release]`
+//! `homeport-bench [start|pull|memory|network|throughput|proxy|services|all] [--bin-dir target/release]`
 
 mod proxy;
+mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +24,8 @@ fn main() -> Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bin-dir" => bin_dir = args.next().context("--bin-dir needs a path")?.into(),
-            "start" | "pull" | "memory" | "network" | "throughput" | "proxy" | "all" => which = a,
+            "start" | "pull" | "memory" | "network" | "throughput" | "proxy" | "services"
+            | "all" => which = a,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -49,6 +51,9 @@ fn main() -> Result<()> {
     }
     if which == "proxy" || which == "all" {
         rt.block_on(proxy::proxy(&bins))?;
+    }
+    if which == "services" || which == "all" {
+        rt.block_on(services::services(&bins))?;
     }
     Ok(())
 }

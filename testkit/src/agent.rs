@@ -358,12 +358,26 @@ impl AgentProcess {
                 }
             }
         }
+        // The parent, after what the agent's services left in it (the shared database's and
+        // the caches' cgroups; their processes were killed above and leave them at once, or
+        // within a moment).
         for ctrl in cgroup_controllers() {
-            let _ = std::fs::remove_dir(
-                Path::new("/sys/fs/cgroup")
-                    .join(ctrl)
-                    .join(&self.cgroup_parent),
-            );
+            let parent = Path::new("/sys/fs/cgroup")
+                .join(ctrl)
+                .join(&self.cgroup_parent);
+            for _ in 0..50 {
+                if let Ok(children) = std::fs::read_dir(&parent) {
+                    for c in children.flatten() {
+                        if c.path().is_dir() {
+                            let _ = std::fs::remove_dir(c.path());
+                        }
+                    }
+                }
+                if std::fs::remove_dir(&parent).is_ok() || !parent.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }

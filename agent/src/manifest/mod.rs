@@ -872,6 +872,12 @@ fn parse_containers(p: &mut Problems, raw: &[Spanned<RawContainer>]) -> Vec<Cont
                 &format!("{key}.name"),
                 format!("{name:?} is not a valid container name: use lower-case letters and digits, with single dashes inside (at most 16)"),
             );
+        } else if name == "hook" || name.starts_with("debug") {
+            p.push(
+                rc.name.span(),
+                &format!("{key}.name"),
+                format!("{name:?} is reserved for the runtime (hooks and debug shells)"),
+            );
         } else if out.iter().any(|c| &c.name == name) {
             p.push(
                 rc.name.span(),
@@ -1486,6 +1492,8 @@ name = "Worker"
 [[container]]
 name = "w"
 command = ["{{app.nme}}"]
+[[container]]
+name = "hook"
 "#,
         );
         let joined = p.join("\n");
@@ -1501,6 +1509,7 @@ command = ["{{app.nme}}"]
             "17:13: hook[0].container: no [[container]] is named \"nope\"",
             "19:8: container[0].name: \"Worker\" is not a valid container name",
             "22:11: container[1].command: unknown template variable {{app.nme}}",
+            "24:8: container[2].name: \"hook\" is reserved",
         ] {
             assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
         }
