@@ -12,6 +12,7 @@ pkgs=(
   crun iperf3                            # benchmarks: what we compare against
   nginx wrk nghttp2-client               # benchmarks: the proxy against nginx, wrk, h2load
   postgresql-15 redis-server             # the shared database and the apps' caches
+  erofs-utils dosfstools mtools fdisk btrfs-progs systemd-boot-efi zstd file qemu-system-x86 qemu-utils ovmf  # the appliance image and its VM tests
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,228 @@
+//! Real boots of the appliance image under QEMU (TCG), checked from the host: the console,
+//! the agent's API through the forwarded port, the apps through the proxy. Each boot takes
+//! 15–60 s, so there are few tests, each checking several things. The image is built first
+//! when missing or stale (`scripts/image.sh qemu-x86_64`).
+
+use anyhow::{ensure, Context, Result};
+use homeport::api::types::{AgentInfo, AppSummary};
+use homeport_qemu_tests::{Guest, GuestBuilder, Image, Owner, BOOT_TIMEOUT};
+use std::time::Duration;
+
+const READY: &str = "homeport: ready ";
+
+fn ready_line(image: &Image) -> String {
+    format!("homeport: ready version={} slot=a", image.version)
+}
+
+/// UEFI → systemd-boot → slot a's UKI → initramfs → erofs root → homeport-init → the agent,
+/// which serves its API over TLS for the owner's token; nothing but the data partition is
+/// ever written.
+#[test]
+fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
+    let image = Image::qemu()?;
+    let mut guest = GuestBuilder::new(image).no_reboot(true).start()?;
+    let ready = guest.wait_for_console(READY, BOOT_TIMEOUT)?;
+    assert_eq!(ready, ready_line(image));
+    let console = guest.console();
+    assert!(
+        console.contains("EFI stub: Loaded initrd"),
+        "booted through the UKI:\n{console}"
+    );
+    assert_eq!(
+        console.matches(READY).count(),
+        1,
+        "exactly one ready line:\n{console}"
+    );
+    // Kernel messages at warning level and above reach the console (loglevel=4): an error
+    // of homeport-init (e.g. no data partition: degraded tmpfs) would show.
+    assert!(
+        !console.contains("homeport-init:"),
+        "homeport-init complained:\n{console}"
+    );
+
+    // The owner's API: the CA is public and matches the console; all else needs the token.
+    let owner = Owner::from_console(&guest)?;
+    assert_eq!(owner.token.len(), 64);
+    let info: AgentInfo = owner.get_json("/v1/info")?;
+    assert_eq!(info.data_dir, "/data/homeport");
+    assert_eq!(info.device_name, "homeport");
+    assert_eq!(owner.get_anonymous("/v1/apps")?, 401);
+    let apps: Vec<AppSummary> = owner.get_json("/v1/apps")?;
+    assert!(apps.is_empty());
+
+    // Read-only root: after a boot and the agent's first start (CA, token, database), the
+    // guest wrote to the data partition only (not the GPT, the ESP or either root slot).
+    guest.kill();
+    let data = image.partition("homeport-data")?;
+    let written = guest.written_ranges()?;
+    assert!(!written.is_empty(), "the agent wrote its state");
+    for w in &written {
+        assert!(
+            w.start >= data.start && w.start + w.len <= data.start + data.len,
+            "a write at {}+{} is outside the data partition ({}+{})",
+            w.start,
+            w.len,
+            data.start,
+            data.len
+        );
+    }
+    Ok(())
+}
+
+/// An app installed from the host's registry (through QEMU's user networking, 10.0.2.2) is
+/// served by the proxy under its name, and it, the owner's token and the device CA survive
+/// a clean reboot and a power cut.
+#[test]
+fn apps_and_data_survive_reboots_and_power_cuts() -> Result<()> {
+    let image = Image::qemu()?;
+    let registry = homeport_testkit::Registry::start()?;
+    let page = "hello from an app on the appliance";
+    homeport_testkit::push_busybox(
+        &registry,
+        "hello",
+        "1",
+        &homeport_testkit::BusyboxOpts {
+            index_html: page.to_string(),
+            ..Default::default()
+        },
+    )?;
+    let port = registry
+        .host()
+        .rsplit_once(':')
+        .map(|(_, p)| p.to_string())
+        .context("registry host:port")?;
+    let guest_registry = format!("10.0.2.2:{port}");
+    // The test registry speaks plain HTTP, which the agent allows only for hosts named with
+    // --insecure-registry; the UKI's command line is fixed, so this boot loads the image's
+    // kernel and initramfs directly with homeport-init's agent command on the command line.
+    let agent = format!(
+        "HOMEPORT_INIT_AGENT=\"/usr/bin/homeportd --data-dir /data/homeport --insecure-registry {guest_registry}\""
+    );
+    let mut guest = GuestBuilder::new(image).direct_kernel(&agent).start()?;
+    assert_eq!(
+        guest.wait_for_console(READY, BOOT_TIMEOUT)?,
+        ready_line(image)
+    );
+    let owner = Owner::from_console(&guest)?;
+
+    owner
+        .install(&format!(
+            "name = \"hello\"\nimage = \"{guest_registry}/hello:1\"\n[https]\nport = 8080\n"
+        ))
+        .context("install from the host's registry")?;
+    let host = "hello-homeport.local";
+    let served = |guest: &Guest, owner: &Owner| -> Result<()> {
+        // The app may take a moment to listen after (re)start.
+        let mut last = (0, String::new());
+        for _ in 0..120 {
+            last = owner.app_get(guest, host, "/")?;
+            if last.0 == 200 && last.1.contains(page) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        anyhow::bail!("https://{host}/ answers {} {}", last.0, last.1)
+    };
+    served(&guest, &owner)?;
+    let (status, location) = owner.app_get_plain(&guest, host, "/")?;
+    assert_eq!(status, 308, "plain HTTP redirects");
+    assert!(
+        location
+            .as_deref()
+            .is_some_and(|l| l.starts_with("https://hello-homeport.local")),
+        "{location:?}"
+    );
+
+    // A clean reboot (Ctrl-Alt-Del: homeport-init stops the agent, unmounts /data).
+    guest.mark();
+    guest.ctrl_alt_del()?;
+    guest.wait_for_console("reboot: Restarting system", BOOT_TIMEOUT)?;
+    assert_eq!(
+        guest.wait_for_console(READY, BOOT_TIMEOUT)?,
+        ready_line(image)
+    );
+    let second = guest.console_since_mark();
+    assert!(
+        !second.contains("homeport: owner token="),
+        "the token is kept, not made again:\n{second}"
+    );
+    assert!(second.contains(&format!("homeport: device ca sha256={}", owner.fingerprint)));
+    let owner = Owner::connect(&guest, &owner.token, &owner.fingerprint)?;
+    let apps: Vec<AppSummary> = owner.get_json("/v1/apps")?;
+    assert_eq!(
+        apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        ["hello"]
+    );
+    served(&guest, &owner)?;
+
+    // A power cut: QEMU killed, started again on the same disk.
+    guest.kill();
+    guest.restart()?;
+    assert_eq!(
+        guest.wait_for_console(READY, BOOT_TIMEOUT)?,
+        ready_line(image)
+    );
+    assert!(guest.find("homeport: owner token=").is_none());
+    let owner = Owner::connect(&guest, &owner.token, &owner.fingerprint)?;
+    served(&guest, &owner)?;
+    Ok(())
+}
+
+/// On a disk larger than the image, the first boot grows the data partition to the end
+/// (initramfs) and only the first; Ctrl-Alt-Del shuts the appliance down cleanly (QEMU
+/// exits under -no-reboot); the next boot comes up with its data.
+#[test]
+fn grows_the_data_partition_once_and_shuts_down_cleanly() -> Result<()> {
+    let image = Image::qemu()?;
+    let extra = 1 << 30;
+    let mut guest = GuestBuilder::new(image)
+        .no_reboot(true)
+        .grow_disk(extra)
+        .start()?;
+    let grown = guest.wait_for_console("homeport-grow: /dev/", BOOT_TIMEOUT)?;
+    let data = image.partition("homeport-data")?;
+    let want_mib = (data.len + extra) >> 20;
+    // "… is now N MiB": all of the extra space but alignment and the backup GPT.
+    let now_mib: u64 = guest
+        .wait_for_console(" is now ", BOOT_TIMEOUT)?
+        .split(" is now ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no size in {grown:?}"))?;
+    ensure!(
+        now_mib + 2 >= want_mib && now_mib <= want_mib,
+        "data partition is {now_mib} MiB, expected about {want_mib}"
+    );
+    assert_eq!(
+        guest.wait_for_console(READY, BOOT_TIMEOUT)?,
+        ready_line(image)
+    );
+    let owner = Owner::from_console(&guest)?;
+
+    guest.ctrl_alt_del()?;
+    let status = guest.wait_for_exit(Duration::from_secs(120))?;
+    assert!(status.success(), "QEMU: {status}");
+    let console = guest.console();
+    assert!(
+        console.contains("reboot: Restarting system"),
+        "init rebooted through the kernel:\n{console}"
+    );
+    assert!(!console.contains("homeport-init:"), "{console}");
+
+    guest.restart()?;
+    assert_eq!(
+        guest.wait_for_console(READY, BOOT_TIMEOUT)?,
+        ready_line(image)
+    );
+    let console = guest.console();
+    assert!(
+        !console.contains("homeport-grow"),
+        "grown once only:\n{console}"
+    );
+    assert!(!console.contains("homeport: owner token="), "{console}");
+    let owner = Owner::connect(&guest, &owner.token, &owner.fingerprint)?;
+    let info: AgentInfo = owner.get_json("/v1/info")?;
+    assert_eq!(info.data_dir, "/data/homeport");
+    Ok(())
+}
