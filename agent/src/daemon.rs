@@ -296,6 +296,7 @@ impl Agent {
         inner.images.recover()?;
         inner.recover().await?;
         inner.refresh_routes()?;
+        tokio::spawn(watch_resolvers(Arc::downgrade(&inner)));
         let released = inner.store.release_unowned_ipv4()?;
         if released > 0 {
             tracing::info!(released, "released IPv4 addresses of unfinished installs");
@@ -1505,6 +1506,35 @@ impl Inner {
         ctl_tx
     }
 }
+
+/// Follows the device's resolvers: when they change (a DHCP lease, typically just after a
+/// boot, when apps already run), every app's resolv.conf is rewritten in place (it is
+/// bind-mounted into the running app).
+async fn watch_resolvers(inner: std::sync::Weak<Inner>) {
+    let mut last: Option<String> = None;
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        let now = i.network.resolv_conf();
+        if last.as_ref().is_some_and(|l| *l != now) {
+            tracing::info!("the device's resolvers changed; updating the apps'");
+            if let Ok(rows) = i.store.apps() {
+                for row in rows {
+                    let path = i.paths.resolv_conf(&row.name);
+                    if path.exists() {
+                        if let Err(e) = std::fs::write(&path, &now) {
+                            tracing::warn!(app = %row.name, error = %e, "cannot update resolv.conf");
+                        }
+                    }
+                }
+            }
+        }
+        last = Some(now);
+        drop(i);
+        tokio::time::sleep(RESOLVERS_CHECK).await;
+    }
+}
+
+const RESOLVERS_CHECK: Duration = Duration::from_secs(5);
 
 /// Kills an app's cache server left running without its app (its pidfile in `dir` names a
 /// live `redis-server`).

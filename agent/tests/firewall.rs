@@ -166,6 +166,17 @@ async fn apps_reach_out_stay_apart_and_publish_only_declared_ports() -> Result<(
     }
     let (_, resolv_in_app) = exec(&c, "a", &["cat", "/etc/resolv.conf"]).await?;
     assert_eq!(resolv_in_app, "nameserver 203.0.113.2\nsearch lan\n");
+    // A new lease changes the device's resolvers: running apps follow.
+    std::fs::write(resolv.path(), "nameserver 203.0.113.2\nsearch home\n")?;
+    wait_for(
+        "the apps' resolvers to follow",
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(exec(&c, "a", &["cat", "/etc/resolv.conf"]).await?.1
+                == "nameserver 203.0.113.2\nsearch home\n")
+        },
+    )
+    .await?;
     let (code, out) = exec(&c, "a", &["nslookup", "internet.test"]).await?;
     assert!(
         code == 0 && out.contains("203.0.113.2") && out.contains("2001:db8:1::2"),

@@ -234,7 +234,7 @@ impl Network {
             // systemd-resolved's stub points at 127.0.0.53; the upstreams are here.
             .or_else(|| read(Path::new("/run/systemd/resolve/resolv.conf")))
             .unwrap_or_else(|| {
-                tracing::warn!(source = %self.resolv_conf.display(), "the device has no DNS resolver apps can reach");
+                tracing::debug!(source = %self.resolv_conf.display(), "the device has no DNS resolver apps can reach");
                 "# the device has no DNS resolver apps can reach\n".to_string()
             })
     }
