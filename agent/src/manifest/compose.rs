@@ -2685,32 +2685,9 @@ fn parse_volume(s: &str) -> Result<MountSpec, String> {
     })
 }
 
-/// Where a volume may not go (as the manifest checks).
+/// Where a volume may not go: what the manifest refuses.
 fn check_target(path: &str) -> Result<(), String> {
-    if !path.starts_with('/') {
-        return Err(format!("{path:?} is not an absolute path in the container"));
-    }
-    if path.split('/').any(|c| c == "..") {
-        return Err(format!("{path:?} contains \"..\""));
-    }
-    if path == "/" {
-        return Err("a volume cannot replace the root directory".into());
-    }
-    const RESERVED: [&str; 6] = [
-        "/proc",
-        "/sys",
-        "/dev",
-        "/etc/hosts",
-        "/etc/resolv.conf",
-        crate::runtime::spec::TRUST_BUNDLE,
-    ];
-    if RESERVED
-        .iter()
-        .any(|r| path == *r || path.starts_with(&format!("{r}/")))
-    {
-        return Err(format!("{path} is reserved for the runtime"));
-    }
-    Ok(())
+    super::check_container_path(path)
 }
 
 /// A path that names a file rather than a directory, by its extension.
@@ -4179,8 +4156,8 @@ volumes:
             "volumes[7]: the Docker socket is not available",
             "volumes[8]: the host's time zone is not mounted",
             "volumes[9]: volume \"ext\" is external",
-            "volumes[10]: \"data\" is not an absolute path",
-            "volumes[11]: /proc/sys is reserved for the runtime",
+            "volumes[10]: \"data\" must be an absolute path inside the container",
+            "volumes[11]: \"/proc/sys\" is reserved for the runtime",
             "volumes[13]: mounts of type \"npipe\" are not supported",
         ] {
             warned(&d, w);

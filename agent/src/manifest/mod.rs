@@ -1162,7 +1162,7 @@ fn valid_volume_name(s: &str) -> bool {
 }
 
 /// A path inside the container where something is mounted.
-fn check_container_path(path: &str) -> Result<(), String> {
+pub(crate) fn check_container_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err(format!(
             "{path:?} must be an absolute path inside the container"

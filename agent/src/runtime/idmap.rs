@@ -263,7 +263,11 @@ fn mounted_in(mountinfo: &str, dst: &Path) -> Mounted {
             let options = fields.next()?;
             Some((id, parent, point, options))
         })
-        .filter(|(.., point, _)| Path::new(OsStr::from_bytes(&unescape(point))) == dst)
+        .filter(|(.., point, _)| {
+            Path::new(OsStr::from_bytes(&super::os::unescape_mountinfo_bytes(
+                point,
+            ))) == dst
+        })
         .map(|(id, parent, _, options)| (id, parent, options))
         .collect();
     // The topmost is the one no other mount at the same place sits on.
@@ -275,30 +279,6 @@ fn mounted_in(mountinfo: &str, dst: &Path) -> Mounted {
         Some((.., options)) if options.split(',').any(|o| o == "idmapped") => Mounted::Idmapped,
         Some(_) => Mounted::Plain,
     }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .and_then(|o| std::str::from_utf8(o).ok())
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match (b[i], octal) {
-            (b'\\', Some(v)) => {
-                out.push(v);
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// Re-owns everything below `dir` (and `dir` itself) whose uid or gid lies in

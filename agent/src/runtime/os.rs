@@ -20,7 +20,12 @@ pub fn mount_points() -> io::Result<std::collections::HashSet<PathBuf>> {
 }
 
 fn unescape_mountinfo(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    String::from_utf8_lossy(&unescape_mountinfo_bytes(s)).into_owned()
+}
+
+/// A path field of mountinfo as bytes: it escapes space, tab, newline and backslash as
+/// `\ooo` octal.
+pub fn unescape_mountinfo_bytes(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -40,7 +45,7 @@ fn unescape_mountinfo(s: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Mounts a read-only overlay of `lower` (bottom layer first) at `target`.
@@ -142,7 +147,8 @@ pub fn create_netns(path: &Path) -> io::Result<()> {
     }
 }
 
-fn loopback_up() -> io::Result<()> {
+/// Sets IFF_UP on `lo` in the calling thread's network namespace; true if it was down.
+pub fn loopback_up() -> io::Result<bool> {
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -155,17 +161,21 @@ fn loopback_up() -> io::Result<()> {
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
         *dst = *src as libc::c_char;
     }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `req`, which outlives the calls.
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `req`, which outlives the calls, and
+    // ifru_flags is the union member these requests use.
     unsafe {
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
             return Err(io::Error::last_os_error());
+        }
+        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 {
+            return Ok(false);
         }
         req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Total size of the regular files below `path` (not following symlinks; hard links once).

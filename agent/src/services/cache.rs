@@ -560,7 +560,7 @@ fn spawn(cfg: &CacheConfig) -> Result<(u32, OwnedFd), CacheError> {
 /// Brings `lo` up in the app's namespace if it is down (the app runtime normally has).
 async fn ensure_loopback(cfg: &CacheConfig) -> Result<(), CacheError> {
     let raised = in_netns(&cfg.netns, |netns| {
-        loopback_up().map_err(|source| CacheError::Net {
+        crate::runtime::os::loopback_up().map_err(|source| CacheError::Net {
             netns: netns.to_path_buf(),
             what: "bring up loopback",
             source,
@@ -571,37 +571,6 @@ async fn ensure_loopback(cfg: &CacheConfig) -> Result<(), CacheError> {
         tracing::debug!(app = %cfg.app, "brought up loopback in the app's namespace");
     }
     Ok(())
-}
-
-/// Sets IFF_UP on `lo` in the calling thread's namespace; true if it was down.
-fn loopback_up() -> io::Result<bool> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor owned by nothing else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `req`, which outlives the calls, and
-    // ifru_flags is the union member these requests use.
-    unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 {
-            return Ok(false);
-        }
-        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(true)
 }
 
 /// The last lines of the server's log, for error messages.
@@ -1314,7 +1283,9 @@ mod tests {
         };
         ensure_loopback(&cfg).await.unwrap();
         // Already up now: a second call changes nothing.
-        let raised = in_netns(&ns.0, |_| Ok(loopback_up())).await.unwrap();
+        let raised = in_netns(&ns.0, |_| Ok(crate::runtime::os::loopback_up()))
+            .await
+            .unwrap();
         assert!(!raised.unwrap());
     }
 
