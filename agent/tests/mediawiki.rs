@@ -60,6 +60,24 @@ struct Wiki {
 }
 
 impl Wiki {
+    /// The wiki at `https://host:port`, reached through the proxy on `[::1]:port`, trusting
+    /// only the device CA, following no redirects.
+    fn at(ca: &str, host: &str, port: u16) -> Result<Wiki> {
+        Ok(Wiki {
+            http: reqwest::Client::builder()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+                .resolve(
+                    host,
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                )
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            base: format!("https://{host}:{port}"),
+        })
+    }
+
     async fn get(&self, path: &str) -> Result<(u16, reqwest::header::HeaderMap, String)> {
         let r = self.http.get(format!("{}{path}", self.base)).send().await?;
         let (status, headers) = (r.status().as_u16(), r.headers().clone());
@@ -111,7 +129,6 @@ async fn mediawiki_installs_serves_and_keeps_its_pages() -> Result<()> {
         .context("no https listener")?
         .parse::<SocketAddr>()?
         .port();
-    let proxy = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
     let ca = c.text("/v1/ca.crt").await?;
     let host = format!("wiki-{}.local", info.device_name);
 
@@ -125,16 +142,7 @@ async fn mediawiki_installs_serves_and_keeps_its_pages() -> Result<()> {
     assert_eq!(url, format!("https://{host}:{port}/"));
     wait_running(&c, "wiki").await?;
 
-    let wiki = Wiki {
-        http: reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
-            .resolve(&host, proxy)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(60))
-            .build()?,
-        base: url.trim_end_matches('/').to_string(),
-    };
+    let wiki = Wiki::at(&ca, &host, port)?;
     wait_for("the main page", Duration::from_secs(60), || async {
         Ok(wiki
             .get("/index.php?title=Main_Page")
@@ -209,18 +217,7 @@ async fn mediawiki_installs_serves_and_keeps_its_pages() -> Result<()> {
         .context("no https listener")?
         .parse::<SocketAddr>()?
         .port();
-    let wiki = Wiki {
-        http: reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
-            .resolve(
-                &host,
-                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
-            )
-            .timeout(Duration::from_secs(60))
-            .build()?,
-        base: format!("https://{host}:{port}"),
-    };
+    let wiki = Wiki::at(&ca, &host, port)?;
     assert!(wiki.page("Homeport_Test").await?.contains(text));
     let health = summary(&c, "wiki").await?.health;
     assert!(
