@@ -117,18 +117,23 @@ impl Wiki {
     }
 }
 
+/// The port the agent's proxy takes HTTPS on.
+fn https_port(info: &AgentInfo) -> Result<u16> {
+    Ok(info
+        .proxy_https
+        .as_deref()
+        .context("no https listener")?
+        .parse::<SocketAddr>()?
+        .port())
+}
+
 #[tokio::test]
 async fn mediawiki_installs_serves_and_keeps_its_pages() -> Result<()> {
     let w = World::new()?;
     let image = homeport_testkit::mediawiki::push_mediawiki(&w.registry)?;
     let c = w.client();
     let info: AgentInfo = c.get("/v1/info").await?;
-    let port = info
-        .proxy_https
-        .as_deref()
-        .context("no https listener")?
-        .parse::<SocketAddr>()?
-        .port();
+    let port = https_port(&info)?;
     let ca = c.text("/v1/ca.crt").await?;
     let host = format!("wiki-{}.local", info.device_name);
 
@@ -210,13 +215,7 @@ async fn mediawiki_installs_serves_and_keeps_its_pages() -> Result<()> {
     let c = agent.client();
     wait_running(&c, "wiki").await?;
     // This test's proxy listens on a port chosen at each start.
-    let info: AgentInfo = c.get("/v1/info").await?;
-    let port = info
-        .proxy_https
-        .as_deref()
-        .context("no https listener")?
-        .parse::<SocketAddr>()?
-        .port();
+    let port = https_port(&c.get("/v1/info").await?)?;
     let wiki = Wiki::at(&ca, &host, port)?;
     assert!(wiki.page("Homeport_Test").await?.contains(text));
     let health = summary(&c, "wiki").await?.health;

@@ -390,10 +390,7 @@ impl Runtime {
         input.netns = None;
         let bundle = self.paths.app(name).join(&id);
         let value = spec::build(&input);
-        let io = |what: String| {
-            let app = name.clone();
-            move |source| RuntimeError::Io { app, what, source }
-        };
+        let io = io_error(name);
         std::fs::create_dir_all(&bundle).map_err(io(format!("create {}", bundle.display())))?;
         std::fs::write(bundle.join("config.json"), value.to_string())
             .map_err(io("write debug bundle".into()))?;
@@ -506,14 +503,21 @@ fn protocol(name: &AppName, reply: &Reply) -> RuntimeError {
     }
 }
 
+/// Makes `RuntimeError::Io` for the app from what was being done and the error.
+fn io_error(
+    app: &AppName,
+) -> impl Fn(String) -> Box<dyn FnOnce(std::io::Error) -> RuntimeError> + '_ {
+    move |what| {
+        let app = app.clone();
+        Box::new(move |source| RuntimeError::Io { app, what, source })
+    }
+}
+
 /// What the containers of an app share: its directory, network namespace and wiring, name
 /// files.
 fn prepare_app(paths: &Paths, network: &Network, plan: &AppPlan) -> Result<()> {
     let name = &plan.name;
-    let io = |what: String| {
-        let app = name.clone();
-        move |source| RuntimeError::Io { app, what, source }
-    };
+    let io = io_error(name);
     let mkdir =
         |p: &Path| std::fs::create_dir_all(p).map_err(io(format!("create {}", p.display())));
     let app_dir = paths.app(name);
@@ -543,10 +547,7 @@ fn prepare_app(paths: &Paths, network: &Network, plan: &AppPlan) -> Result<()> {
 /// device CA) and the owner of new volumes (the user the main container runs as).
 fn prepare_files(paths: &Paths, ca_pem: &str, plan: &AppPlan) -> Result<()> {
     let name = &plan.name;
-    let io = |what: String| {
-        let app = name.clone();
-        move |source| RuntimeError::Io { app, what, source }
-    };
+    let io = io_error(name);
     let rootfs = paths.rootfs(name);
     let mut bundle =
         std::fs::read_to_string(rootfs.join(&spec::TRUST_BUNDLE[1..])).unwrap_or_default();
@@ -636,10 +637,7 @@ fn prepare_container_with(
     args: Option<Vec<String>>,
 ) -> Result<()> {
     let name = &plan.name;
-    let io = |what: String| {
-        let app = name.clone();
-        move |source| RuntimeError::Io { app, what, source }
-    };
+    let io = io_error(name);
     let mkdir =
         |p: &Path| std::fs::create_dir_all(p).map_err(io(format!("create {}", p.display())));
     let rootfs = c.rootfs(paths, name);
