@@ -14,6 +14,12 @@
 #   HOMEPORT_INIT_BIN   default target/x86_64-unknown-linux-musl/release/homeport-init (static)
 #   HOMEPORT_AGENT_BIN  default target/release/homeportd
 #   HOMEPORT_CLI_BIN    default target/release/homeport
+# Output: HOMEPORT_IMAGE_OUT (default target/image/<board>). HOMEPORT_CMDLINE_EXTRA is
+# appended to the kernel command line (the VM tests build a release that fails its health
+# check with homeport.fault=os-health).
+# Update trust: HOMEPORT_UPDATE_ROOT, a TUF root.json (homeport-release init), becomes
+# /usr/share/homeport/update/root.json, the root the device's updates are checked against;
+# unset, the image has none and refuses updates (scripts/image.sh sets development keys).
 # Version: SOURCE_DATE_EPOCH (default: the commit time of HEAD, or now when the work tree has
 # changes) and IMAGE_VERSION = <workspace version>.<SOURCE_DATE_EPOCH>, or HOMEPORT_IMAGE_VERSION.
 # See image-build/README.md.
@@ -28,11 +34,12 @@ conf=$repo/board-support/$board/board.conf
 source "$conf"
 
 cache=${HOMEPORT_IMAGE_CACHE:-/var/cache/homeport-test}
-out=$repo/target/image/$board
+out=${HOMEPORT_IMAGE_OUT:-$repo/target/image/$board}
 sources=${HOMEPORT_APT_SOURCES:-/etc/apt/sources.list.d/debian.sources}
 init_bin=${HOMEPORT_INIT_BIN:-$repo/target/x86_64-unknown-linux-musl/release/homeport-init}
 agent_bin=${HOMEPORT_AGENT_BIN:-$repo/target/release/homeportd}
 cli_bin=${HOMEPORT_CLI_BIN:-$repo/target/release/homeport}
+update_root=${HOMEPORT_UPDATE_ROOT:-}
 
 # Packages of every image (the board adds KERNEL_PACKAGE and EXTRA_PACKAGES), and those
 # purged before the package manifest is written: what only the build needs, and dependencies
@@ -79,6 +86,11 @@ for b in "$init_bin" "$agent_bin" "$cli_bin"; do
 	[ -x "$b" ] || die "$b missing: build it first (scripts/image.sh does)"
 done
 file -L "$init_bin" | grep -q 'static' || die "$init_bin is not statically linked"
+if [ -n "$update_root" ]; then
+	[ -f "$update_root" ] || die "HOMEPORT_UPDATE_ROOT=$update_root: no such file"
+	grep -q '"_type": *"root"' "$update_root" ||
+		die "HOMEPORT_UPDATE_ROOT=$update_root is not TUF root metadata (homeport-release init writes one)"
+fi
 
 mkdir -p "$out" "$cache"
 exec 9>"$out/.lock"
@@ -146,6 +158,7 @@ inputs=$({
 	echo "board=$board rootfs=$rootfs_key sde=$sde_given version=${HOMEPORT_IMAGE_VERSION:-}"
 	cat "$conf"
 	sha "$init_bin"; sha "$agent_bin"; sha "$cli_bin"
+	echo "update_root=${update_root:+$(sha "$update_root")} cmdline_extra=${HOMEPORT_CMDLINE_EXTRA:-}"
 	sha "$0"
 	tree_hash "$repo/rootfs-overlay"
 } | sha256sum | cut -c1-64)
@@ -190,6 +203,10 @@ install -m 0755 "$cli_bin" "$root/usr/bin/homeport"
 strip --strip-debug "$root/usr/lib/homeport/homeport-init" "$root/usr/bin/homeportd" \
 	"$root/usr/bin/homeport"
 ln -sfn ../lib/homeport/homeport-init "$root/usr/sbin/init"
+# The TUF root updates are checked against (docs/releases.md).
+if [ -n "$update_root" ]; then
+	install -D -m 0644 "$update_root" "$root/usr/share/homeport/update/root.json"
+fi
 ln -f "$root/usr/bin/busybox" "$root/usr/lib/homeport/busybox"
 
 # The root filesystem image (lz4hc at its default level 9 with 64 KiB physical clusters: 10 %
@@ -214,7 +231,7 @@ mkfs.erofs --quiet -T"$SOURCE_DATE_EPOCH" -U"$(uuid_of "root-b $board")" \
 make_uki() { # SLOT OUT
 	local slot=$1 uki=$2 cmdline="$work/cmdline-$1" offs align sec size
 	echo -n "root=PARTLABEL=root-$slot ro rootfstype=erofs fsck.mode=skip homeport.slot=$slot" \
-		"init=/usr/lib/homeport/homeport-init $KERNEL_CMDLINE" >"$cmdline"
+		"init=/usr/lib/homeport/homeport-init $KERNEL_CMDLINE${HOMEPORT_CMDLINE_EXTRA:+ $HOMEPORT_CMDLINE_EXTRA}" >"$cmdline"
 	align=4096
 	offs=0
 	while read -r idx _ size vma _; do

@@ -74,6 +74,12 @@ pub enum AgentError {
         command: String,
         status: String,
     },
+    #[error(transparent)]
+    Shutdown(#[from] crate::appliance::ShutdownError),
+    #[error("the owner has no settings for registry {0}")]
+    NoSuchRegistry(String),
+    #[error(transparent)]
+    Os(#[from] crate::os::OsError),
 }
 
 pub type Result<T> = std::result::Result<T, AgentError>;
@@ -141,6 +147,8 @@ pub struct Config {
 
 pub struct Agent {
     inner: Arc<Inner>,
+    /// OS updates (set once by [`Agent::attach_os`]).
+    os: std::sync::OnceLock<Arc<crate::os::Updater>>,
 }
 
 struct Inner {
@@ -165,6 +173,8 @@ struct Inner {
     caches: Mutex<HashMap<AppName, Arc<Cache>>>,
     /// Volumes are mounted idmapped, owned on disk by each app's own id range.
     idmap: bool,
+    /// Held while the owner's registry settings are read, changed and written.
+    registries: Mutex<()>,
 }
 
 struct Handle {
@@ -196,6 +206,8 @@ impl Agent {
     /// Opens the state, recovers from whatever a crash left, and re-adopts or restarts apps.
     pub async fn start(config: Config) -> anyhow::Result<Agent> {
         use anyhow::Context;
+        let t0 = std::time::Instant::now();
+        let step = |what: &str| tracing::debug!(elapsed = ?t0.elapsed(), "start: {what}");
         let paths = config.paths;
         for d in [
             paths.data().to_path_buf(),
@@ -206,7 +218,11 @@ impl Agent {
             std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
         }
         let store = Arc::new(Store::open(&paths.db())?);
+        step("store open");
         let images = Images::new(store.clone(), paths.clone(), config.registries)?;
+        images
+            .registry()
+            .set_plain_http(plain_http_hosts(&owner_registries(&store)?));
         let exe = std::env::current_exe().context("find the agent's own executable")?;
         // The device's ULA prefix: made once, kept forever (apps' addresses derive from it).
         let ula: crate::net::Ula48 = store
@@ -227,7 +243,9 @@ impl Agent {
         };
         // The device CA and the proxy: apps' trust bundles and routes depend on them.
         let device_id = &ula.global_id_hex()[..10];
+        step("addresses");
         let ca = crate::proxy::DeviceCa::load_or_create(&paths.ca(), device_id)?;
+        step("device CA");
         let device = store.setting_or_insert("device_name", DEFAULT_DEVICE_NAME)?;
         let proxy = crate::proxy::Proxy::start(&config.proxy, &device, ca)
             .await
@@ -292,16 +310,22 @@ impl Agent {
             postgres_bin: config.postgres_bin,
             caches: Mutex::default(),
             idmap,
+            registries: Mutex::default(),
         });
+        step("runtime");
         inner.images.recover()?;
         inner.recover().await?;
         inner.refresh_routes()?;
+        step("apps recovered");
         tokio::spawn(watch_resolvers(Arc::downgrade(&inner)));
         let released = inner.store.release_unowned_ipv4()?;
         if released > 0 {
             tracing::info!(released, "released IPv4 addresses of unfinished installs");
         }
-        Ok(Agent { inner })
+        Ok(Agent {
+            inner,
+            os: std::sync::OnceLock::new(),
+        })
     }
 
     /// What an installed app is doing (cheap: no disk walks).
@@ -607,11 +631,248 @@ impl Agent {
         self.inner.proxy.api_tls()
     }
 
+    /// The agent's part of an OS update's health check: every app in `apps` runs and is
+    /// not unhealthy, PostgreSQL answers when an installed app has a database, every
+    /// running app's cache answers, and the proxy serves HTTPS with the device certificate.
+    /// The error says the first thing that is wrong.
+    pub async fn check_health(&self, apps: &[String]) -> std::result::Result<(), String> {
+        let i = &self.inner;
+        for a in apps {
+            let name = AppName::try_from(a.as_str()).map_err(|e| format!("app {a}: {e}"))?;
+            match i.handle_state(&name) {
+                Some(s) if matches!(s.run, RunState::Running { .. }) => {
+                    if s.health == Some(HealthState::Unhealthy) {
+                        return Err(format!("app {a} runs but is unhealthy"));
+                    }
+                }
+                Some(s) => return Err(format!("app {a} does not run ({:?})", s.run)),
+                None => return Err(format!("app {a} is not installed")),
+            }
+        }
+        let rows = i.store.apps().map_err(|e| e.to_string())?;
+        let needs_db = rows.iter().any(|r| {
+            r.phase == Phase::Installed
+                && Manifest::parse(&r.manifest).is_ok_and(|m| m.database.is_some())
+        });
+        if needs_db {
+            let pg = i.postgres().await.map_err(|e| format!("PostgreSQL: {e}"))?;
+            pg.ping()
+                .await
+                .map_err(|e| format!("PostgreSQL does not answer: {e}"))?;
+        }
+        let caches: Vec<AppName> = lock(&i.caches).keys().cloned().collect();
+        for name in caches {
+            let data = i
+                .store
+                .app_data(&name)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("app {name} has a cache but no service data"))?;
+            crate::services::cache::ping_in(&i.paths.netns(&name), &data.cache_password)
+                .await
+                .map_err(|e| format!("the cache of {name} does not answer: {e}"))?;
+        }
+        let Some(https) = i.proxy.bound().1 else {
+            return Ok(());
+        };
+        let host = format!("{}.local", i.proxy.device());
+        let ca = reqwest::Certificate::from_pem(i.proxy.ca_pem().as_bytes())
+            .map_err(|e| format!("the device CA: {e}"))?;
+        let ip = if https.ip().is_unspecified() {
+            std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            https.ip()
+        };
+        let addr = std::net::SocketAddr::from((ip, https.port()));
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .resolve(&host, addr)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("an HTTPS client: {e}"))?;
+        client
+            .get(format!("https://{host}:{}/", https.port()))
+            .send()
+            .await
+            .map_err(|e| format!("the proxy does not serve https://{host}/: {e}"))?;
+        Ok(())
+    }
+
+    /// Makes the OS updater (`platform` is `None` in host mode, where the API says updates
+    /// are for the appliance). Once; later calls return the first.
+    pub fn attach_os(&self, platform: Option<crate::os::Platform>) -> Arc<crate::os::Updater> {
+        self.os
+            .get_or_init(|| {
+                Arc::new(crate::os::Updater::new(
+                    platform,
+                    self.inner.store.clone(),
+                    self.inner.paths.data(),
+                ))
+            })
+            .clone()
+    }
+
+    pub fn os(&self) -> Option<&Arc<crate::os::Updater>> {
+        self.os.get()
+    }
+
     /// Stops supervising (apps keep running; a new agent re-adopts them).
     pub fn detach(&self) {
         lock(&self.inner.apps).clear();
     }
+
+    /// The registries the agent has settings for: the owner's (through the API) and what it
+    /// was started with (`--insecure-registry`, `--registry-auth`, `registries.json`).
+    pub fn registries(&self) -> Result<Vec<crate::api::types::RegistryInfo>> {
+        let owner = owner_registries(&self.inner.store)?;
+        let (insecure, credentials) = self.inner.images.registry().configured();
+        let mut hosts: std::collections::BTreeSet<&String> = owner.keys().collect();
+        hosts.extend(insecure.iter().chain(&credentials));
+        Ok(hosts
+            .into_iter()
+            .map(|host| {
+                let mine = owner.get(host).cloned();
+                crate::api::types::RegistryInfo {
+                    host: host.clone(),
+                    insecure: insecure.contains(host) || mine.as_ref().is_some_and(|s| s.insecure),
+                    credentials: credentials.contains(host),
+                    owner: mine,
+                }
+            })
+            .collect())
+    }
+
+    /// Sets the owner's settings for a registry (kept across restarts; pulls from then on
+    /// follow them) and answers what is now in force for it.
+    pub fn set_registry(
+        &self,
+        host: &str,
+        settings: crate::api::types::RegistrySettings,
+        actor: &Actor,
+    ) -> Result<crate::api::types::RegistryInfo> {
+        let host = crate::images::reference::registry_host(host).ok_or_else(|| {
+            AgentError::BadRequest(format!(
+                "{host:?} is not a registry host (like nas.local:5000 or 192.168.1.10:5000)"
+            ))
+        })?;
+        {
+            let _guard = lock(&self.inner.registries);
+            let mut all = owner_registries(&self.inner.store)?;
+            all.insert(host.clone(), settings.clone());
+            self.save_registries(&all)?;
+        }
+        tracing::info!(actor = %actor.0, registry = %host, insecure = settings.insecure, "registry settings changed");
+        self.registries()?
+            .into_iter()
+            .find(|r| r.host == host)
+            .ok_or(AgentError::NoSuchRegistry(host))
+    }
+
+    /// Removes the owner's settings for a registry (it is then reached over HTTPS, unless the
+    /// agent's command line says otherwise).
+    pub fn remove_registry(&self, host: &str, actor: &Actor) -> Result<()> {
+        let key = crate::images::reference::registry_host(host)
+            .ok_or_else(|| AgentError::NoSuchRegistry(host.to_string()))?;
+        let _guard = lock(&self.inner.registries);
+        let mut all = owner_registries(&self.inner.store)?;
+        if all.remove(&key).is_none() {
+            return Err(AgentError::NoSuchRegistry(key));
+        }
+        self.save_registries(&all)?;
+        tracing::info!(actor = %actor.0, registry = %key, "registry settings removed");
+        Ok(())
+    }
+
+    fn save_registries(
+        &self,
+        all: &std::collections::BTreeMap<String, crate::api::types::RegistrySettings>,
+    ) -> Result<()> {
+        let text = serde_json::to_string(all)
+            .map_err(|e| AgentError::BadRequest(format!("registry settings: {e}")))?;
+        self.inner.store.set_setting("registries", &text)?;
+        self.inner
+            .images
+            .registry()
+            .set_plain_http(plain_http_hosts(all));
+        Ok(())
+    }
+
+    /// Powers the device off or reboots it (on the appliance only). Answers at once;
+    /// homeport-init is asked [`SHUTDOWN_DELAY`] later, so the caller's answer goes out
+    /// first. Init then stops the agent, which stops the apps ([`Agent::stop_all`]).
+    pub fn shutdown(&self, kind: crate::appliance::ShutdownKind, actor: &Actor) -> Result<()> {
+        if !crate::appliance::can_shutdown() {
+            return Err(crate::appliance::ShutdownError::NotAppliance(kind).into());
+        }
+        tracing::info!(actor = %actor.0, %kind, "shutdown requested");
+        tokio::spawn(async move {
+            tokio::time::sleep(SHUTDOWN_DELAY).await;
+            if let Err(e) = crate::appliance::request_shutdown(kind) {
+                tracing::error!(error = %crate::api::chain(&e), "shutdown failed");
+            }
+        });
+        Ok(())
+    }
+
+    /// Stops every app (containers and cache) and then the shared database, for the device
+    /// going down: what still runs after the agent exits is killed by homeport-init. Desired
+    /// states stay as they are, so the next start brings the same apps back.
+    pub async fn stop_all(&self) {
+        let apps: Vec<(AppName, mpsc::Sender<Ctl>)> = lock(&self.inner.apps)
+            .drain()
+            .map(|(name, h)| (name, h.ctl))
+            .collect();
+        tracing::info!(
+            apps = apps.len(),
+            "stopping every app: the device is going down"
+        );
+        let stops = apps.into_iter().map(|(name, ctl)| async move {
+            let (tx, rx) = oneshot::channel();
+            if ctl.send(Ctl::Shutdown(tx)).await.is_ok() {
+                if let Ok(Err(e)) = rx.await {
+                    tracing::warn!(app = %name, error = %crate::api::chain(&e), "app did not stop cleanly");
+                }
+            }
+        });
+        // Each stop is bounded by the grace time; the database is stopped either way.
+        let bound = self.inner.stop_grace + Duration::from_secs(5);
+        if tokio::time::timeout(bound, futures_util::future::join_all(stops))
+            .await
+            .is_err()
+        {
+            tracing::warn!(after = ?bound, "apps still stopping; stopping the database anyway");
+        }
+        if let Some(pg) = self.inner.postgres.get() {
+            pg.stop().await;
+        }
+    }
 }
+
+/// The owner's registry settings by host (the `registries` setting: JSON).
+fn owner_registries(
+    store: &Store,
+) -> Result<std::collections::BTreeMap<String, crate::api::types::RegistrySettings>> {
+    match store.setting("registries")?.filter(|t| !t.is_empty()) {
+        None => Ok(Default::default()),
+        Some(text) => serde_json::from_str(&text).map_err(|e| AgentError::Io {
+            what: "the stored registry settings".into(),
+            source: e.into(),
+        }),
+    }
+}
+
+fn plain_http_hosts(
+    settings: &std::collections::BTreeMap<String, crate::api::types::RegistrySettings>,
+) -> Vec<String> {
+    settings
+        .iter()
+        .filter(|(_, s)| s.insecure)
+        .map(|(h, _)| h.clone())
+        .collect()
+}
+
+/// Between answering a poweroff or reboot request and asking homeport-init for it.
+pub const SHUTDOWN_DELAY: Duration = Duration::from_millis(500);
 
 /// The firewall's view of the installed apps, `changed` (an app being installed or updated)
 /// in place of what the store holds for it.

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod images;
 pub mod manifest;
 pub mod net;
+pub mod os;
 pub mod paths;
 pub mod proxy;
 pub mod runtime;

@@ -111,7 +111,10 @@ fn main() {
 }
 
 fn init_tracing(default: &str) {
+    // RUST_LOG too: on the appliance it comes from the kernel command line through
+    // homeport-init.
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOMEPORT_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
@@ -173,9 +176,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let appliance = homeport::appliance::Appliance::detect();
     if let Some(a) = &appliance {
         tracing::info!(version = %a.version, slot = ?a.slot, "running as the appliance");
+        homeport::appliance::preload_modules();
         homeport::appliance::start_network();
     }
+    // The OS update side of the appliance: slots, ESP, trusted root.
+    let platform = appliance.as_ref().and_then(|a| {
+        homeport::os::Platform::detect(a)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "OS updates are off");
+                println!("homeport: os-update off: {e}");
+            })
+            .ok()
+    });
+    if let Some(p) = &platform {
+        homeport::os::guard_crash_loop(p, std::path::Path::new("/run/homeport/agent-starts"));
+    }
     let agent = Arc::new(Agent::start(config).await?);
+    let updater = agent.attach_os(platform.clone());
+    if platform.is_some() {
+        let health = Arc::new(homeport::os::AgentHealth {
+            agent: agent.clone(),
+            socket: socket.clone(),
+        });
+        tokio::spawn(updater.run(health));
+    }
     let listener = bind(&socket)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let api_listen = match args.api_listen {
@@ -231,10 +255,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(t) = tcp_api {
         let _ = t.await;
     }
-    // Apps keep running; the next agent re-adopts them.
-    agent.detach();
     let _ = std::fs::remove_file(&socket);
-    tracing::info!("homeportd stopped; apps keep running");
+    if appliance.is_some() {
+        // On the appliance only homeport-init stops the agent, and only to power off or
+        // reboot: whatever still runs afterwards is killed, so the apps and the database
+        // are stopped cleanly first.
+        agent.stop_all().await;
+        tracing::info!("homeportd stopped with every app");
+    } else {
+        // Apps keep running; the next agent re-adopts them.
+        agent.detach();
+        tracing::info!("homeportd stopped; apps keep running");
+    }
     Ok(())
 }
 

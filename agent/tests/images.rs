@@ -356,3 +356,71 @@ async fn a_full_disk_gets_a_clear_error_and_leaves_nothing() -> Result<()> {
     drop(agent);
     Ok(())
 }
+
+/// The owner allows plain HTTP for a registry on the LAN through the API and the CLI (no
+/// agent flag, which the appliance has no way to set); the setting is kept across agent
+/// restarts and can be taken back.
+#[tokio::test]
+async fn the_owner_allows_plain_http_for_a_lan_registry() -> Result<()> {
+    use homeport::api::types::{RegistryInfo, RegistrySettings};
+    let registry = Registry::start()?;
+    push_hello(&registry, "hello", "1")?;
+    let mut agent = start_agent(AgentOpts::default())?;
+    let c = agent.client();
+    let host = registry.host();
+    let m = format!("name = \"lan\"\nimage = \"{host}/hello:1\"\n");
+    let err = c.install(&m, |_| {}).await.unwrap_err();
+    assert_eq!(err.status(), Some(502), "HTTPS only until allowed: {err}");
+    assert!(c.registries().await?.is_empty());
+
+    let o = agent.cli(Path::new(HOMEPORT), &["registry", "allow-http", &host])?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("pulled over plain HTTP"), "{out}");
+    c.install(&m, |_| {}).await?;
+    wait_running(&c, "lan").await?;
+
+    // Kept in the store: a restarted agent still pulls from it.
+    agent.stop();
+    agent.spawn()?;
+    let allowed = RegistryInfo {
+        host: host.clone(),
+        insecure: true,
+        credentials: false,
+        owner: Some(RegistrySettings { insecure: true }),
+    };
+    assert_eq!(c.registries().await?, [allowed]);
+    c.update("lan", None, |_| {}).await?;
+    let o = agent.cli(Path::new(HOMEPORT), &["registry", "ls"])?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&host) && out.contains("owner"), "{out}");
+
+    // Taken back: HTTPS again, so re-resolving the tag fails.
+    c.remove_registry(&host).await?;
+    let err = c.remove_registry(&host).await.unwrap_err();
+    assert_eq!(err.status(), Some(404), "{err}");
+    let err = c.update("lan", None, |_| {}).await.unwrap_err();
+    assert_eq!(err.status(), Some(502), "{err}");
+
+    // Hosts are checked (and IPv6 literals travel escaped in the path); unknown keys refused.
+    let yes = RegistrySettings { insecure: true };
+    let v6 = c.set_registry("[fd00::1]:5000", &yes).await?;
+    assert_eq!(v6.host, "[fd00::1]:5000");
+    c.remove_registry("[fd00::1]:5000").await?;
+    let err = c.set_registry("http:nas", &yes).await.unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    let err = c
+        .put::<RegistryInfo, _>(
+            "/v1/registries/nas.local:5000",
+            &serde_json::json!({ "insecure": true, "tls": false }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(c.registries().await?.is_empty());
+    Ok(())
+}

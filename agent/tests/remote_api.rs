@@ -105,5 +105,32 @@ async fn the_network_api_needs_the_owners_token_over_tls() -> Result<()> {
         history.to_string().contains("owner from 127.0.0.1"),
         "the history names who: {history}"
     );
+
+    // Poweroff and reboot need the token, and only the appliance's init can carry them out:
+    // an agent in host mode refuses (and sends no signal to this machine's PID 1).
+    let anonymous = pinned
+        .post(format!("{base}/v1/system/poweroff"))
+        .send()
+        .await?;
+    assert_eq!(anonymous.status(), 401);
+    for kind in ["poweroff", "reboot"] {
+        let r = pinned
+            .post(format!("{base}/v1/system/{kind}"))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        assert_eq!(r.status(), 409);
+        let body = r.text().await?;
+        assert!(
+            body.contains(&format!("{kind} is only possible on the appliance")),
+            "{body}"
+        );
+    }
+    let refused = agent
+        .client()
+        .shutdown(homeport::appliance::ShutdownKind::Reboot)
+        .await
+        .expect_err("refused in host mode");
+    assert_eq!(refused.status(), Some(409));
     Ok(())
 }

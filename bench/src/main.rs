@@ -3,7 +3,15 @@
 //! being slow.
 //!
 //! `homeport-bench [start|pull|memory|network|throughput|proxy|services|all] [--bin-dir target/release]`
+//!
+//! `homeport-bench image [--boots N] [--no-build] [--no-cold]`: the appliance image (sizes,
+//! build and TCG boot times); not part of `all`, see [`image`].
+//!
+//! `homeport-bench os-update`: a signed A/B update under QEMU (download size, slot write,
+//! downtime); not part of `all`, see [`os_update`].
 
+mod image;
+mod os_update;
 mod proxy;
 mod services;
 
@@ -20,14 +28,34 @@ use serde_json::json;
 fn main() -> Result<()> {
     let mut which = "all".to_string();
     let mut bin_dir = PathBuf::from("target/release");
+    let mut image_opts = image::Opts::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bin-dir" => bin_dir = args.next().context("--bin-dir needs a path")?.into(),
+            "--boots" => {
+                image_opts.boots = args
+                    .next()
+                    .context("--boots needs a number")?
+                    .parse()
+                    .context("--boots needs a number")?
+            }
+            "--no-build" => image_opts.build = false,
+            "--no-cold" => image_opts.cold = false,
+            "--image-dir" => {
+                image_opts.image_dir = Some(args.next().context("--image-dir needs a path")?.into())
+            }
             "start" | "pull" | "memory" | "network" | "throughput" | "proxy" | "services"
-            | "all" => which = a,
+            | "image" | "os-update" | "all" => which = a,
             other => bail!("unknown argument {other:?}"),
         }
+    }
+    if which == "os-update" {
+        return os_update::os_update();
+    }
+    if which == "image" {
+        // Boots the built image; needs no agent binaries here.
+        return image::image(&image_opts);
     }
     let bins = std::fs::canonicalize(&bin_dir)
         .with_context(|| format!("{} (build with --release)", bin_dir.display()))?;

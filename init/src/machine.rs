@@ -83,6 +83,9 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Info,
+    /// A step of a shutdown: shown on the console too (like warnings), which otherwise shows
+    /// only errors (`loglevel=4`), so whoever watches it sees the device go down in order.
+    Notice,
     Warn,
     Error,
 }
@@ -161,7 +164,7 @@ pub fn step(state: State, event: Event) -> (State, Vec<Action>) {
             },
             vec![
                 Log(
-                    Level::Info,
+                    Level::Notice,
                     format!("{} requested, stopping the agent", name(kind)),
                 ),
                 SignalAgent(Signal::SIGTERM),
@@ -179,7 +182,7 @@ pub fn step(state: State, event: Event) -> (State, Vec<Action>) {
 
         (State::ShuttingDown { kind, .. }, Event::AgentExited { status, .. }) => finish(
             kind,
-            vec![Log(Level::Info, format!("agent {}", describe(status)))],
+            vec![Log(Level::Notice, format!("agent {}", describe(status)))],
         ),
         (State::ShuttingDown { kind, deadline }, Event::Tick { now }) if now >= deadline => finish(
             kind,
@@ -209,7 +212,7 @@ fn finish(kind: ShutdownKind, mut actions: Vec<Action>) -> (State, Vec<Action>) 
         Action::KillAll(Signal::SIGKILL),
         Action::Sync,
         Action::UnmountData,
-        Action::Log(Level::Info, format!("{} now", name(kind))),
+        Action::Log(Level::Notice, format!("{} now", name(kind))),
         Action::Reboot(kind),
     ]);
     (State::Halted { kind }, actions)

@@ -51,12 +51,30 @@ pub fn log(level: Level, message: &str) {
             let priority = match level {
                 Level::Error => 3,
                 Level::Warn => 4,
+                Level::Notice => 5,
                 Level::Info => 6,
             };
+            let shown = matches!(level, Level::Notice | Level::Warn);
+            if shown && console_loglevel().is_some_and(|l| l <= priority) {
+                // The kernel will not show it: the console gets it from us.
+                if let Ok(mut console) = OpenOptions::new().write(true).open("/dev/console") {
+                    let _ = console.write_all(format!("homeport-init: {message}\n").as_bytes());
+                }
+            }
             kmsg.write_all(format!("<{priority}>homeport-init: {message}\n").as_bytes())
         }
         None => writeln!(io::stderr(), "homeport-init: {message}"),
     };
+}
+
+/// The kernel's console log level: it shows messages of a lower priority number only.
+fn console_loglevel() -> Option<u8> {
+    std::fs::read_to_string("/proc/sys/kernel/printk")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 pub fn is_pid1() -> bool {
@@ -128,6 +146,13 @@ pub fn spawn(
         .env_clear()
         .envs(env.iter().cloned())
         .process_group(0);
+    // We block the signals we wait for, and a blocked mask survives fork and exec: the agent
+    // would never see the SIGTERM that asks it to stop.
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // pthread_sigmask, which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(|| SigSet::empty().thread_set_mask().map_err(io::Error::from));
+    }
     if console {
         match open_console() {
             Ok((stdin, stdout, stderr)) => {

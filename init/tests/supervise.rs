@@ -215,3 +215,27 @@ fn an_agent_that_cannot_start_is_retried_and_sigterm_still_stops_init() {
         .expect("init did not exit");
     assert_eq!(status.code(), Some(EXIT_REBOOT));
 }
+
+#[test]
+fn the_agent_starts_with_no_signal_blocked() {
+    // Init blocks the signals it waits for; the agent must not inherit that, or the SIGTERM
+    // asking it to stop would stay pending until init kills it.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_homeport-init"))
+        .env(
+            "HOMEPORT_INIT_AGENT",
+            "/bin/grep -h SigBlk /proc/self/status",
+        )
+        .stdout(fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    let mut init = Init { child };
+    let line = eventually(Duration::from_secs(10), "the agent's output", || {
+        lines(&out).into_iter().next()
+    });
+    assert_eq!(line, "SigBlk:\t0000000000000000");
+    init.signal(Signal::SIGUSR1);
+    init.wait_exit(Duration::from_secs(10))
+        .expect("init did not exit");
+}

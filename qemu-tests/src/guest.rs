@@ -39,7 +39,6 @@ pub struct GuestBuilder {
     cpus: u32,
     no_reboot: bool,
     grow_disk: Option<u64>,
-    direct_kernel: Option<String>,
 }
 
 impl GuestBuilder {
@@ -51,7 +50,6 @@ impl GuestBuilder {
             cpus: 2,
             no_reboot: false,
             grow_disk: None,
-            direct_kernel: None,
         }
     }
 
@@ -75,15 +73,6 @@ impl GuestBuilder {
     /// onto a larger card): the first boot grows the data partition.
     pub fn grow_disk(mut self, bytes: u64) -> Self {
         self.grow_disk = Some(bytes);
-        self
-    }
-
-    /// Boots the image's kernel and initramfs directly (QEMU `-kernel`, still under UEFI)
-    /// with slot a's command line plus `extra`, instead of systemd-boot and the UKI, whose
-    /// command line is fixed. For tests that need a setting of their own on the kernel
-    /// command line (it reaches homeport-init's environment).
-    pub fn direct_kernel(mut self, extra: &str) -> Self {
-        self.direct_kernel = Some(extra.to_string());
         self
     }
 
@@ -344,14 +333,6 @@ impl Guest {
             .arg(format!("unix:{},server=on,wait=off", monitor.display()));
         if self.spec.no_reboot {
             cmd.arg("-no-reboot");
-        }
-        if let Some(extra) = &self.spec.direct_kernel {
-            cmd.arg("-kernel")
-                .arg(&self.spec.image.kernel)
-                .arg("-initrd")
-                .arg(&self.spec.image.initrd)
-                .arg("-append")
-                .arg(format!("{} {extra}", self.spec.image.cmdline));
         }
         let log = std::fs::File::create(d.join(format!("qemu-{}.log", self.boots)))?;
         cmd.stdin(Stdio::null())

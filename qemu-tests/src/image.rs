@@ -31,10 +31,6 @@ pub struct Image {
     pub path: PathBuf,
     /// `IMAGE_VERSION` of the image (what the agent's ready line shows).
     pub version: String,
-    /// Kernel, initramfs and slot a's command line, for direct kernel boots.
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub cmdline: String,
     /// By GPT label: `esp`, `root-a`, `root-b`, `homeport-data`.
     pub partitions: HashMap<String, Partition>,
     /// `image.json` as written by the build (sizes, timings).
@@ -84,15 +80,10 @@ impl Image {
                 partitions.insert(name.clone(), Partition { start, len });
             }
         }
-        let cmdline = std::fs::read_to_string(dir.join("boot/cmdline-a"))
-            .with_context(|| format!("read {}/boot/cmdline-a", dir.display()))?;
         Ok(Image {
             board: field("board")?,
             path: dir.join(field("image")?),
             version: field("version")?,
-            kernel: dir.join("boot/vmlinuz"),
-            initrd: dir.join("boot/initrd"),
-            cmdline: cmdline.trim().to_string(),
             dir: dir.to_path_buf(),
             partitions,
             json,
@@ -109,8 +100,23 @@ impl Image {
 
 /// Runs `scripts/image.sh BOARD`: builds the binaries, then the image if any input changed.
 pub fn build(board: &str) -> Result<()> {
+    build_with(board, &[])
+}
+
+/// Builds another image of `board` from the same tree into `out` (`HOMEPORT_IMAGE_OUT`),
+/// with more of image-build/build.sh's settings in `env` (`SOURCE_DATE_EPOCH` for a later
+/// version, `HOMEPORT_CMDLINE_EXTRA`): the releases the OS update tests serve.
+pub fn build_release(board: &str, out: &Path, env: &[(&str, String)]) -> Result<Image> {
+    let mut all = vec![("HOMEPORT_IMAGE_OUT", out.display().to_string())];
+    all.extend(env.iter().cloned());
+    build_with(board, &all)?;
+    Image::load(out)
+}
+
+fn build_with(board: &str, env: &[(&str, String)]) -> Result<()> {
     let script = repo_root().join("scripts/image.sh");
     let mut cmd = Command::new(&script);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     // What `cargo test` sets for the test process (CARGO_*, the dynamic library path) would
     // make the script's own `cargo build --release` see a changed environment and rebuild
     // the agent from scratch every other time.

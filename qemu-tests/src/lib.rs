@@ -11,13 +11,16 @@
 //! - [`Owner`]: the owner's API client: token and CA fingerprint read from the console, the
 //!   CA fetched and pinned, requests to `homeport.local` sent to the forwarded port.
 //!
+//! - [`update`]: OS update fixtures (later releases, a served TUF repository, a device).
+//!
 //! Readiness is signalled on the serial console (`homeport: ready version=… slot=…`); every
 //! assertion runs from the host, through the agent's API or what the console shows.
 
 mod guest;
 mod image;
 mod owner;
+pub mod update;
 
 pub use guest::{free_port, Guest, GuestBuilder, Line, BOOT_TIMEOUT};
-pub use image::{repo_root, Image, Partition};
+pub use image::{build_release, repo_root, Image, Partition};
 pub use owner::Owner;

@@ -111,6 +111,30 @@ impl Owner {
         Ok((r.status().as_u16(), r.text()?))
     }
 
+    /// `PUT path` with a JSON body and the owner's token: status and body.
+    pub fn put_json(&self, path: &str, body: &serde_json::Value) -> Result<(u16, String)> {
+        let r = self
+            .client
+            .put(self.url(path))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(body)?)
+            .send()
+            .with_context(|| format!("PUT {path}"))?;
+        Ok((r.status().as_u16(), r.text()?))
+    }
+
+    /// Asks the appliance to power off or reboot (`POST /v1/system/{kind}`); fails unless
+    /// the agent accepts (202).
+    pub fn shutdown(&self, kind: &str) -> Result<()> {
+        let path = format!("/v1/system/{kind}");
+        let (status, body) = self.post_json(&path, &serde_json::json!({}))?;
+        if status != 202 {
+            bail!("POST {path}: {status} {body}");
+        }
+        Ok(())
+    }
+
     /// Installs an app from its manifest; fails unless the install stream ends with `done`.
     pub fn install(&self, manifest: &str) -> Result<()> {
         let (status, body) =

@@ -4,19 +4,36 @@
 //! when missing or stale (`scripts/image.sh qemu-x86_64`).
 
 use anyhow::{ensure, Context, Result};
-use homeport::api::types::{AgentInfo, AppSummary};
+use homeport::api::types::{AgentInfo, AppSummary, RegistryInfo};
 use homeport_qemu_tests::{Guest, GuestBuilder, Image, Owner, BOOT_TIMEOUT};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const READY: &str = "homeport: ready ";
+
+/// How long a clean poweroff or reboot may take until QEMU exits: homeport-init gives the
+/// agent 20 s, then kills, syncs and unmounts; TCG on a shared machine is slow.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Fails unless every step shows on the console, in this order.
+fn assert_in_order(console: &str, steps: &[&str]) {
+    let mut from = 0;
+    for step in steps {
+        match console[from..].find(step) {
+            Some(i) => from += i + step.len(),
+            None => {
+                panic!("the console does not show {step:?} (after the steps before it):\n{console}")
+            }
+        }
+    }
+}
 
 fn ready_line(image: &Image) -> String {
     format!("homeport: ready version={} slot=a", image.version)
 }
 
 /// UEFI → systemd-boot → slot a's UKI → initramfs → erofs root → homeport-init → the agent,
-/// which serves its API over TLS for the owner's token; nothing but the data partition is
-/// ever written.
+/// which serves its API over TLS for the owner's token; Ctrl-Alt-Del shuts it down cleanly;
+/// nothing but the data partition is ever written.
 #[test]
 fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
     let image = Image::qemu()?;
@@ -50,9 +67,24 @@ fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
     let apps: Vec<AppSummary> = owner.get_json("/v1/apps")?;
     assert!(apps.is_empty());
 
-    // Read-only root: after a boot and the agent's first start (CA, token, database), the
-    // guest wrote to the data partition only (not the GPT, the ESP or either root slot).
-    guest.kill();
+    // Ctrl-Alt-Del: the kernel sends homeport-init SIGINT, which reboots cleanly (QEMU
+    // exits under -no-reboot).
+    guest.ctrl_alt_del()?;
+    let status = guest.wait_for_exit(SHUTDOWN_TIMEOUT)?;
+    assert!(status.success(), "QEMU: {status}");
+    assert_in_order(
+        &guest.console(),
+        &[
+            "homeport-init: reboot requested, stopping the agent",
+            "homeport-init: agent exited with code 0",
+            "homeport-init: reboot now",
+            "reboot: Restarting system",
+        ],
+    );
+
+    // Read-only root: after a boot, the agent's first start (CA, token, database) and a
+    // shutdown, the guest wrote to the data partition only (not the GPT, the ESP or either
+    // root slot).
     let data = image.partition("homeport-data")?;
     let written = guest.written_ranges()?;
     assert!(!written.is_empty(), "the agent wrote its state");
@@ -69,11 +101,12 @@ fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
     Ok(())
 }
 
-/// An app installed from the host's registry (through QEMU's user networking, 10.0.2.2) is
-/// served by the proxy under its name, and it, the owner's token and the device CA survive
-/// a clean reboot and a power cut.
+/// An app installed from the host's registry (through QEMU's user networking, 10.0.2.2, a
+/// plain-HTTP registry the owner allows through the API) is served by the proxy under its
+/// name; a poweroff through the API stops it cleanly and QEMU exits by itself; the app, the
+/// registry setting, the owner's token and the device CA survive it and a power cut.
 #[test]
-fn apps_and_data_survive_reboots_and_power_cuts() -> Result<()> {
+fn apps_and_data_survive_poweroff_and_power_cuts() -> Result<()> {
     let image = Image::qemu()?;
     let registry = homeport_testkit::Registry::start()?;
     let page = "hello from an app on the appliance";
@@ -92,23 +125,25 @@ fn apps_and_data_survive_reboots_and_power_cuts() -> Result<()> {
         .map(|(_, p)| p.to_string())
         .context("registry host:port")?;
     let guest_registry = format!("10.0.2.2:{port}");
-    // The test registry speaks plain HTTP, which the agent allows only for hosts named with
-    // --insecure-registry; the UKI's command line is fixed, so this boot loads the image's
-    // kernel and initramfs directly with homeport-init's agent command on the command line.
-    let agent = format!(
-        "HOMEPORT_INIT_AGENT=\"/usr/bin/homeportd --data-dir /data/homeport --insecure-registry {guest_registry}\""
-    );
-    let mut guest = GuestBuilder::new(image).direct_kernel(&agent).start()?;
+    let mut guest = GuestBuilder::new(image).start()?;
     assert_eq!(
         guest.wait_for_console(READY, BOOT_TIMEOUT)?,
         ready_line(image)
     );
     let owner = Owner::from_console(&guest)?;
 
+    // The test registry speaks plain HTTP: pulls fail until the owner allows it.
+    let manifest =
+        format!("name = \"hello\"\nimage = \"{guest_registry}/hello:1\"\n[https]\nport = 8080\n");
+    let refused = owner.install(&manifest).expect_err("HTTPS only by default");
+    assert!(refused.to_string().contains("502"), "{refused:#}");
+    let (status, body) = owner.put_json(
+        &format!("/v1/registries/{guest_registry}"),
+        &serde_json::json!({ "insecure": true }),
+    )?;
+    assert_eq!(status, 200, "{body}");
     owner
-        .install(&format!(
-            "name = \"hello\"\nimage = \"{guest_registry}/hello:1\"\n[https]\nport = 8080\n"
-        ))
+        .install(&manifest)
         .context("install from the host's registry")?;
     let host = "hello-homeport.local";
     let served = |guest: &Guest, owner: &Owner| -> Result<()> {
@@ -133,15 +168,38 @@ fn apps_and_data_survive_reboots_and_power_cuts() -> Result<()> {
         "{location:?}"
     );
 
-    // A clean reboot (Ctrl-Alt-Del: homeport-init stops the agent, unmounts /data).
-    guest.mark();
-    guest.ctrl_alt_del()?;
-    guest.wait_for_console("reboot: Restarting system", BOOT_TIMEOUT)?;
+    // Poweroff through the API: homeport-init stops the agent, which stops the app, then
+    // everything else is killed, /data unmounted and the machine powered off.
+    let asked = Instant::now();
+    owner.shutdown("poweroff")?;
+    let status = guest.wait_for_exit(SHUTDOWN_TIMEOUT)?;
+    eprintln!(
+        "poweroff: QEMU exited {:.1} s after the request",
+        asked.elapsed().as_secs_f64()
+    );
+    assert!(status.success(), "QEMU: {status}");
+    let console = guest.console();
+    assert_in_order(
+        &console,
+        &[
+            "homeport-init: poweroff requested, stopping the agent",
+            "stopping every app: the device is going down",
+            "app stopped app=hello",
+            "homeportd stopped with every app",
+            "homeport-init: agent exited with code 0",
+            "homeport-init: poweroff now",
+            "reboot: Power down",
+        ],
+    );
+    assert!(!console.contains("did not stop within"), "{console}");
+
+    // The next boot of the same disk: same token and CA, the app and the setting are there.
+    guest.restart()?;
     assert_eq!(
         guest.wait_for_console(READY, BOOT_TIMEOUT)?,
         ready_line(image)
     );
-    let second = guest.console_since_mark();
+    let second = guest.console();
     assert!(
         !second.contains("homeport: owner token="),
         "the token is kept, not made again:\n{second}"
@@ -152,6 +210,13 @@ fn apps_and_data_survive_reboots_and_power_cuts() -> Result<()> {
     assert_eq!(
         apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
         ["hello"]
+    );
+    let registries: Vec<RegistryInfo> = owner.get_json("/v1/registries")?;
+    assert!(
+        registries
+            .iter()
+            .any(|r| r.host == guest_registry && r.insecure),
+        "{registries:?}"
     );
     served(&guest, &owner)?;
 
@@ -169,10 +234,10 @@ fn apps_and_data_survive_reboots_and_power_cuts() -> Result<()> {
 }
 
 /// On a disk larger than the image, the first boot grows the data partition to the end
-/// (initramfs) and only the first; Ctrl-Alt-Del shuts the appliance down cleanly (QEMU
-/// exits under -no-reboot); the next boot comes up with its data.
+/// (initramfs) and only the first; a reboot through the API goes down cleanly (QEMU exits
+/// under -no-reboot); the next boot comes up with its data.
 #[test]
-fn grows_the_data_partition_once_and_shuts_down_cleanly() -> Result<()> {
+fn grows_the_data_partition_once_and_reboots_cleanly() -> Result<()> {
     let image = Image::qemu()?;
     let extra = 1 << 30;
     let mut guest = GuestBuilder::new(image)
@@ -200,15 +265,19 @@ fn grows_the_data_partition_once_and_shuts_down_cleanly() -> Result<()> {
     );
     let owner = Owner::from_console(&guest)?;
 
-    guest.ctrl_alt_del()?;
-    let status = guest.wait_for_exit(Duration::from_secs(120))?;
+    owner.shutdown("reboot")?;
+    let status = guest.wait_for_exit(SHUTDOWN_TIMEOUT)?;
     assert!(status.success(), "QEMU: {status}");
-    let console = guest.console();
-    assert!(
-        console.contains("reboot: Restarting system"),
-        "init rebooted through the kernel:\n{console}"
+    assert_in_order(
+        &guest.console(),
+        &[
+            "homeport-init: reboot requested, stopping the agent",
+            "homeportd stopped with every app",
+            "homeport-init: agent exited with code 0",
+            "homeport-init: reboot now",
+            "reboot: Restarting system",
+        ],
     );
-    assert!(!console.contains("homeport-init:"), "{console}");
 
     guest.restart()?;
     assert_eq!(

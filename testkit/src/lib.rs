@@ -8,6 +8,7 @@
 //!   [`push_whiteouts`], [`push_malicious`], [`push_corrupt_blob`].
 //!
 //! - [`AgentProcess`]: a `homeportd` under test with its own data directory and cgroup parent.
+//! - [`StaticServer`]: a folder served over HTTP (`python3 -m http.server`).
 //! - [`Pebble`]: a real ACME server (pebble with its DNS test server).
 //! - [`NetWorld`]: device, LAN router and internet as three network namespaces, with small
 //!   HTTP and DNS [`Server`]s inside them.
@@ -25,6 +26,7 @@ pub mod mediawiki;
 mod networld;
 mod pebble;
 mod registry;
+mod static_server;
 mod token;
 
 pub use agent::{cgroup_controllers, cgroup_controllers_for, AgentOpts, AgentProcess};
@@ -41,6 +43,7 @@ pub use images::{
 pub use networld::{NetWorld, Server};
 pub use pebble::Pebble;
 pub use registry::Registry;
+pub use static_server::{copy_dir, StaticServer};
 
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};

@@ -13,7 +13,8 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 
 use super::types::{
-    ApiError, AppSummary, ExecRequest, InstallLine, ManifestBody, Progress, UpdateBody,
+    ApiError, AppSummary, ExecRequest, InstallLine, ManifestBody, Progress, RegistryInfo,
+    RegistrySettings, UpdateBody,
 };
 use super::{EXEC_HEADER, UPGRADE_PROTOCOL};
 
@@ -32,6 +33,14 @@ pub enum ClientError {
     Decode(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// `/v1/registries/<host>`, with an IPv6 literal's brackets escaped.
+fn registry_path(host: &str) -> String {
+    format!(
+        "/v1/registries/{}",
+        host.replace('[', "%5B").replace(']', "%5D")
+    )
 }
 
 fn display_api(e: &ApiError) -> String {
@@ -135,6 +144,33 @@ impl Client {
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.request(Method::DELETE, path, None).await?;
         Ok(())
+    }
+
+    /// Asks the appliance to power off or reboot; `Ok` once the agent accepted (it goes
+    /// down a moment later). Refused (409) outside the appliance.
+    pub async fn shutdown(&self, kind: crate::appliance::ShutdownKind) -> Result<()> {
+        let path = format!("/v1/system/{}", kind.name());
+        self.request(Method::POST, &path, None).await?;
+        Ok(())
+    }
+
+    /// The registries the agent has settings for.
+    pub async fn registries(&self) -> Result<Vec<RegistryInfo>> {
+        self.get("/v1/registries").await
+    }
+
+    /// Sets the owner's settings for a registry (`host[:port]`).
+    pub async fn set_registry(
+        &self,
+        host: &str,
+        settings: &RegistrySettings,
+    ) -> Result<RegistryInfo> {
+        self.put(&registry_path(host), settings).await
+    }
+
+    /// Removes the owner's settings for a registry.
+    pub async fn remove_registry(&self, host: &str) -> Result<()> {
+        self.delete(&registry_path(host)).await
     }
 
     /// Installs an app, calling `progress` for each pull event.

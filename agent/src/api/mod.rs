@@ -52,6 +52,14 @@ pub enum Op {
     Certificates,
     Traffic,
     PruneImages,
+    Poweroff,
+    Reboot,
+    Registries,
+    SetRegistry,
+    RemoveRegistry,
+    OsStatus,
+    OsConfig,
+    OsUpdate,
 }
 
 pub struct Route {
@@ -89,9 +97,18 @@ pub const ROUTES: &[Route] = routes! {
     DELETE "/v1/domain" => ClearDomain,
     GET "/v1/certificates" => Certificates,
     GET "/v1/apps/{name}/traffic" => Traffic,
+    POST "/v1/system/poweroff" => Poweroff,
+    POST "/v1/system/reboot" => Reboot,
+    GET "/v1/registries" => Registries,
+    PUT "/v1/registries/{host}" => SetRegistry,
+    DELETE "/v1/registries/{host}" => RemoveRegistry,
+    GET "/v1/os" => OsStatus,
+    PUT "/v1/os/config" => OsConfig,
+    POST "/v1/os/update" => OsUpdate,
 };
 
-/// Matches a request path against the table; returns the op and the `{name}` segment.
+/// Matches a request path against the table; returns the op and the `{name}` (or `{host}`)
+/// segment.
 fn route<'a>(method: &Method, path: &'a str) -> Option<(Op, Option<&'a str>)> {
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     ROUTES.iter().find_map(|r| {
@@ -104,7 +121,7 @@ fn route<'a>(method: &Method, path: &'a str) -> Option<(Op, Option<&'a str>)> {
         }
         let mut name = None;
         for (p, s) in pat.iter().zip(&segs) {
-            if *p == "{name}" {
+            if p.starts_with('{') {
                 name = Some(*s);
             } else if p != s {
                 return None;
@@ -298,6 +315,48 @@ async fn dispatch(
             return Ok(json(&agent.domain()));
         }
         Op::Certificates => return Ok(json(&agent.certificates())),
+        Op::Registries => return Ok(json(&agent.registries()?)),
+        Op::SetRegistry => {
+            let host = percent_decoded(name.unwrap_or_default());
+            let settings = read_json::<types::RegistrySettings>(req).await?;
+            return Ok(json(&agent.set_registry(&host, settings, &actor)?));
+        }
+        Op::RemoveRegistry => {
+            agent.remove_registry(&percent_decoded(name.unwrap_or_default()), &actor)?;
+            return Ok(Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(empty())
+                .unwrap_or_else(|_| Response::new(empty())));
+        }
+        Op::OsStatus | Op::OsConfig | Op::OsUpdate => {
+            let os = agent
+                .os()
+                .cloned()
+                .ok_or(crate::os::OsError::NotAppliance)?;
+            if op == Op::OsConfig {
+                let config = read_json::<crate::os::OsConfig>(req).await?;
+                os.set_config(&config)?;
+                tracing::info!(actor = %actor.0, ?config, "OS update settings changed");
+            } else if op == Op::OsUpdate {
+                let body = read_json::<types::OsUpdateRequest>(req).await?;
+                os.request_update(body.now)?;
+                return Ok(json_status(StatusCode::ACCEPTED, &os.status()?));
+            }
+            return Ok(json(&os.status()?));
+        }
+        Op::Poweroff | Op::Reboot => {
+            use crate::appliance::ShutdownKind;
+            let kind = if op == Op::Poweroff {
+                ShutdownKind::Poweroff
+            } else {
+                ShutdownKind::Reboot
+            };
+            agent.shutdown(kind, &actor)?;
+            return Ok(Response::builder()
+                .status(StatusCode::ACCEPTED)
+                .body(empty())
+                .unwrap_or_else(|_| Response::new(empty())));
+        }
         Op::Traffic => return Ok(json(&agent.traffic(&app_name(name)?)?)),
         Op::Ca => {
             return Ok(Response::builder()
@@ -349,6 +408,31 @@ async fn dispatch(
             .body(empty())
             .unwrap_or_else(|_| Response::new(empty())),
     })
+}
+
+/// A path segment with `%XX` escapes decoded (a registry host may be `%5Bfd00::1%5D:5000`);
+/// a malformed escape stays as it is.
+fn percent_decoded(segment: &str) -> String {
+    let b = segment.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
@@ -737,7 +821,7 @@ pub fn status_of(e: &AgentError) -> StatusCode {
         return StatusCode::INSUFFICIENT_STORAGE;
     }
     match e {
-        AgentError::NoSuchApp(_) => StatusCode::NOT_FOUND,
+        AgentError::NoSuchApp(_) | AgentError::NoSuchRegistry(_) => StatusCode::NOT_FOUND,
         AgentError::AlreadyInstalled(_)
         | AgentError::InstallInProgress(_)
         | AgentError::PortTaken { .. }
@@ -757,6 +841,24 @@ pub fn status_of(e: &AgentError) -> StatusCode {
         | AgentError::Image(ImageError::Invalid { .. })
         | AgentError::HookFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         AgentError::Postgres(_) | AgentError::Cache { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        AgentError::Shutdown(crate::appliance::ShutdownError::NotAppliance(_)) => {
+            StatusCode::CONFLICT
+        }
+        AgentError::Shutdown(crate::appliance::ShutdownError::Signal { .. }) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        AgentError::Os(o) => {
+            use crate::os::OsError as O;
+            match o {
+                O::NotAppliance | O::NoRepository | O::Busy | O::NoTrustedRoot { .. } => {
+                    StatusCode::CONFLICT
+                }
+                O::Config(_) => StatusCode::BAD_REQUEST,
+                O::Repository { .. } | O::Release(_) => StatusCode::BAD_GATEWAY,
+                O::DiskTooSmall { .. } => StatusCode::INSUFFICIENT_STORAGE,
+                O::Io(_) | O::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            }
+        }
         AgentError::Image(_)
         | AgentError::Runtime(_)
         | AgentError::Store(_)
@@ -803,6 +905,18 @@ mod tests {
         );
         assert_eq!(route(&Method::PUT, "/v1/apps/wiki"), None);
         assert_eq!(route(&Method::GET, "/v1/apps/wiki/nope"), None);
+    }
+
+    #[test]
+    fn registry_routes_take_a_host() {
+        assert_eq!(
+            route(&Method::PUT, "/v1/registries/10.0.2.2:5000"),
+            Some((Op::SetRegistry, Some("10.0.2.2:5000")))
+        );
+        assert_eq!(percent_decoded("%5Bfd00::1%5D:5000"), "[fd00::1]:5000");
+        assert_eq!(percent_decoded("nas%3a5000"), "nas:5000");
+        assert_eq!(percent_decoded("100%"), "100%");
+        assert_eq!(percent_decoded("%zz%4"), "%zz%4");
     }
 
     #[test]

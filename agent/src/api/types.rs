@@ -184,6 +184,29 @@ pub struct AgentInfo {
     pub proxy_https: Option<String>,
 }
 
+/// The owner's settings for one registry (`PUT /v1/registries/{host}`), kept in the store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Reach it over plain HTTP instead of HTTPS (a registry on the LAN without TLS).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// A registry the agent has settings for (`GET /v1/registries`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryInfo {
+    /// `host[:port]` as in image references.
+    pub host: String,
+    /// Spoken to over plain HTTP.
+    pub insecure: bool,
+    /// Credentials are configured for it (`registries.json`, `--registry-auth`).
+    pub credentials: bool,
+    /// The owner's settings (through the API), which `DELETE` removes; `None` when all it
+    /// has comes from the agent's command line or `registries.json`.
+    pub owner: Option<RegistrySettings>,
+}
+
 /// Sent in the `Homeport-Exec` header (hex of this JSON) of an exec/debug upgrade.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -194,4 +217,13 @@ pub struct ExecRequest {
 /// Sent by the agent on the upgraded stream when the process ends: `exit <code>\n`.
 pub fn exit_line(code: i32) -> String {
     format!("exit {code}\n")
+}
+
+/// `POST /v1/os/update`: look for an update now and stage it; with `now`, reboot into it
+/// as soon as it is staged instead of in the maintenance window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsUpdateRequest {
+    #[serde(default)]
+    pub now: bool,
 }

@@ -11,6 +11,7 @@ use homeport::api::client::Client;
 use homeport::api::types::{
     AppDetail, AppSummary, HistoryEntry, ImageInfo, Progress, PruneReport, RunState, ValidateReply,
 };
+use homeport::appliance::ShutdownKind;
 use homeport::manifest::{compose, Manifest};
 
 #[derive(Parser)]
@@ -102,6 +103,66 @@ enum Cmd {
     },
     /// Print the device CA's certificate (PEM), for phones and laptops to trust.
     Ca,
+    /// Stop every app and power the appliance off.
+    Poweroff,
+    /// Stop every app and restart the appliance.
+    Reboot,
+    /// Registry settings: list them, allow plain HTTP for a registry on the LAN.
+    Registry {
+        #[command(subcommand)]
+        cmd: RegistryCmd,
+    },
+    /// The appliance's OS: its slots, and signed updates.
+    Os {
+        #[command(subcommand)]
+        cmd: OsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCmd {
+    /// The registries with settings.
+    Ls,
+    /// Pull from HOST (host[:port], e.g. nas.local:5000) over plain HTTP: for a registry on
+    /// the LAN without TLS. Anyone on the path can then alter what is pulled by tag.
+    AllowHttp { host: String },
+    /// Forget the settings made for HOST (it is reached over HTTPS again).
+    Rm { host: String },
+}
+
+#[derive(Subcommand)]
+enum OsCmd {
+    /// Running slot and version, the other slot, the last check and what comes next.
+    Status,
+    /// Look for an update now and stage it in the other slot.
+    Update {
+        /// Reboot into it as soon as it is staged (else: in the maintenance window).
+        #[arg(long)]
+        now: bool,
+    },
+    /// Change the update settings (unnamed ones keep their value).
+    Config {
+        /// The update repository's URL.
+        #[arg(long)]
+        repository: Option<String>,
+        /// Check and reboot into updates on a schedule: on or off.
+        #[arg(long)]
+        automatic: Option<OnOff>,
+        /// Seconds between checks (a random delay of up to --jitter is added).
+        #[arg(long)]
+        check_every: Option<u64>,
+        #[arg(long)]
+        jitter: Option<u64>,
+        /// When a staged update may reboot the device: HH:MM-HH:MM, UTC.
+        #[arg(long)]
+        window: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -303,6 +364,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", c.text("/v1/ca.crt").await?);
             Ok(0)
         }
+        Cmd::Os { cmd } => os(&c, cmd, json).await,
+        Cmd::Poweroff => shutdown(&c, ShutdownKind::Poweroff, json).await,
+        Cmd::Reboot => shutdown(&c, ShutdownKind::Reboot, json).await,
+        Cmd::Registry { cmd } => registry(&c, cmd, json).await,
         Cmd::Images { cmd: None } => {
             let images: Vec<ImageInfo> = c.get("/v1/images").await?;
             if json {
@@ -361,6 +426,169 @@ fn import(
         }
         None => print!("{}", draft.toml),
     }
+    Ok(0)
+}
+
+async fn os(c: &Client, cmd: OsCmd, json: bool) -> anyhow::Result<i32> {
+    use homeport::os::{OsConfig, OsStatus};
+    let st: OsStatus = match cmd {
+        OsCmd::Status => c.get("/v1/os").await?,
+        OsCmd::Update { now } => {
+            let st: OsStatus = c
+                .post(
+                    "/v1/os/update",
+                    &homeport::api::types::OsUpdateRequest { now },
+                )
+                .await?;
+            if !json {
+                println!(
+                    "looking for an update{}; `homeport os status` shows how it goes",
+                    if now {
+                        ", rebooting into it when staged"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            st
+        }
+        OsCmd::Config {
+            repository,
+            automatic,
+            check_every,
+            jitter,
+            window,
+        } => {
+            let st: OsStatus = c.get("/v1/os").await?;
+            let mut cfg: OsConfig = st.config;
+            if let Some(r) = repository {
+                cfg.repository = (!r.is_empty()).then_some(r);
+            }
+            if let Some(a) = automatic {
+                cfg.automatic = matches!(a, OnOff::On);
+            }
+            cfg.check_every_secs = check_every.unwrap_or(cfg.check_every_secs);
+            cfg.jitter_secs = jitter.unwrap_or(cfg.jitter_secs);
+            cfg.window = window.unwrap_or(cfg.window);
+            c.put("/v1/os/config", &cfg).await?
+        }
+    };
+    if json {
+        return print_json(&st);
+    }
+    if !st.appliance {
+        println!("not an appliance: the OS is not Homeport's, so it is not updated by Homeport");
+        return Ok(0);
+    }
+    let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+    println!(
+        "running:     slot {} version {}{}",
+        opt(st.slot.map(|s| s.to_string())),
+        opt(st.version.clone()),
+        if st.on_trial {
+            " (on trial: health check)"
+        } else {
+            ""
+        }
+    );
+    if let Some(o) = &st.other {
+        println!(
+            "other slot:  {} {} ({})",
+            o.slot,
+            opt(o.version.clone()),
+            o.state
+        );
+    }
+    println!("activity:    {}", st.activity);
+    if let Some(p) = &st.pending {
+        println!("staged:      {} in slot {}", p.version, p.slot);
+    }
+    match &st.last_check {
+        Some(l) => println!(
+            "last result: {} at {}: {}",
+            if l.ok { "ok" } else { "FAILED" },
+            time(l.at),
+            l.message
+        ),
+        None => println!("last result: never checked"),
+    }
+    if let Some(t) = st.next_check {
+        println!("next check:  {}", time(t));
+    }
+    if let Some(t) = st.next_window {
+        println!("reboot at:   {} (window {} UTC)", time(t), st.config.window);
+    }
+    println!(
+        "repository:  {}{}",
+        opt(st.config.repository.clone()),
+        if st.config.automatic {
+            ""
+        } else {
+            " (automatic updates off)"
+        }
+    );
+    for r in &st.refused {
+        println!("refused:     {} ({}): {}", r.version, time(r.at), r.reason);
+    }
+    Ok(0)
+}
+
+async fn registry(c: &Client, cmd: RegistryCmd, json: bool) -> anyhow::Result<i32> {
+    match cmd {
+        RegistryCmd::Ls => {
+            let all = c.registries().await?;
+            if json {
+                return print_json(&all);
+            }
+            let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.host.clone(),
+                        yes(r.insecure),
+                        yes(r.credentials),
+                        if r.owner.is_some() {
+                            "owner"
+                        } else {
+                            "agent's configuration"
+                        }
+                        .to_string(),
+                    ]
+                })
+                .collect();
+            table(&["REGISTRY", "PLAIN HTTP", "CREDENTIALS", "SET BY"], &rows);
+        }
+        RegistryCmd::AllowHttp { host } => {
+            let settings = homeport::api::types::RegistrySettings { insecure: true };
+            let r = c.set_registry(&host, &settings).await?;
+            if json {
+                return print_json(&r);
+            }
+            println!("{}: pulled over plain HTTP from now on", r.host);
+        }
+        RegistryCmd::Rm { host } => {
+            c.remove_registry(&host).await?;
+            if !json {
+                println!("{host}: settings removed");
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn shutdown(c: &Client, kind: ShutdownKind, json: bool) -> anyhow::Result<i32> {
+    c.shutdown(kind).await?;
+    if json {
+        return print_json(&serde_json::json!({ "accepted": kind.name() }));
+    }
+    println!(
+        "{}: the apps are being stopped",
+        match kind {
+            ShutdownKind::Poweroff => "powering off",
+            ShutdownKind::Reboot => "rebooting",
+        }
+    );
     Ok(0)
 }
 

@@ -99,6 +99,11 @@ impl Images {
         })
     }
 
+    /// The registry client (its settings can change at run time).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Removes what an interrupted pull left: the tmp dir, layers no image lists, and layer
     /// directories without a row.
     pub fn recover(&self) -> Result<()> {

@@ -193,6 +193,21 @@ fn valid_host(host: &str) -> bool {
     name_ok && port_ok
 }
 
+/// A registry host as the owner names it (`nas.local:5000`, `10.0.2.2:5000`, `[fd00::1]:5000`),
+/// normalised like the host of an [`ImageRef`] (`index.docker.io` is `docker.io`) and
+/// lower-cased; `None` when it is not a host with an optional port.
+pub fn registry_host(host: &str) -> Option<String> {
+    let host = host.to_ascii_lowercase();
+    if host.is_empty() || host.len() > 255 || !valid_host(&host) {
+        return None;
+    }
+    Some(if host == DOCKER_HUB_LEGACY {
+        DOCKER_HUB.to_owned()
+    } else {
+        host
+    })
+}
+
 /// `[\w][\w.-]{0,127}`
 fn valid_tag(tag: &str) -> bool {
     let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
@@ -371,6 +386,37 @@ mod tests {
     }
 
     /// `expected` is the normalised form, or the error message chain.
+    #[test]
+    fn registry_hosts() {
+        assert_eq!(
+            registry_host("10.0.2.2:5000").as_deref(),
+            Some("10.0.2.2:5000")
+        );
+        assert_eq!(
+            registry_host("NAS.local:5000").as_deref(),
+            Some("nas.local:5000")
+        );
+        assert_eq!(
+            registry_host("[fd00::1]:5000").as_deref(),
+            Some("[fd00::1]:5000")
+        );
+        assert_eq!(
+            registry_host("index.docker.io").as_deref(),
+            Some("docker.io")
+        );
+        for bad in [
+            "",
+            "nas.local:",
+            "a/b",
+            "http://nas",
+            "nas..local",
+            "-nas",
+            "[fd00::1",
+        ] {
+            assert_eq!(registry_host(bad), None, "{bad:?}");
+        }
+    }
+
     fn check(input: &str, expected: Result<&str, &str>) {
         match (input.parse::<ImageRef>(), expected) {
             (Ok(r), Ok(want)) => {

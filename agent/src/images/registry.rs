@@ -346,6 +346,9 @@ enum Auth {
 pub struct Registry {
     http: reqwest::Client,
     config: RegistryConfig,
+    /// Hosts the owner allowed plain HTTP for at run time (lower case), besides
+    /// `config.insecure`.
+    plain_http: std::sync::RwLock<std::collections::HashSet<String>>,
     auth: Mutex<HashMap<(String, String), Auth>>,
 }
 
@@ -382,8 +385,23 @@ impl Registry {
         Ok(Registry {
             http,
             config,
+            plain_http: Default::default(),
             auth: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The hosts (normalised, lower case) reached over plain HTTP besides those of the
+    /// configuration: what the owner allowed. Replaces the previous set.
+    pub fn set_plain_http(&self, hosts: impl IntoIterator<Item = String>) {
+        let mut set = self.plain_http.write().unwrap_or_else(|e| e.into_inner());
+        *set = hosts.into_iter().collect();
+    }
+
+    /// What the agent was started with: hosts allowed plain HTTP, hosts with credentials.
+    pub fn configured(&self) -> (Vec<String>, Vec<String>) {
+        let mut creds: Vec<String> = self.config.credentials.keys().cloned().collect();
+        creds.sort();
+        (self.config.insecure.clone(), creds)
     }
 
     /// Resolves `r` to the digest it points at and the image manifest for
@@ -607,6 +625,11 @@ impl Registry {
             .insecure
             .iter()
             .any(|h| h == r.registry() || h == r.api_host())
+            || self
+                .plain_http
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&r.registry().to_ascii_lowercase())
     }
 
     fn base_url(&self, r: &ImageRef) -> String {

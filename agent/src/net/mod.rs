@@ -137,14 +137,18 @@ impl Network {
     /// At agent start: the bridge, forwarding, and the firewall made anew from `apps` (the
     /// store's view), so it matches the store whatever the kernel held before. Idempotent.
     pub fn up(&self, apps: &[AppRules]) -> io::Result<()> {
+        let t = std::time::Instant::now();
         self.wiring
             .ensure_bridge(&self.bridge, self.net.gateway(), self.net4.gateway())?;
+        let bridge = t.elapsed();
         self.wiring.enable_forwarding()?;
+        let forwarding = t.elapsed();
         let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         *applied = None;
         self.wiring
             .apply_rules(&self.table.rebuild(apps, &self.services).to_string())?;
         *applied = Some(apps.to_vec());
+        tracing::debug!(?bridge, ?forwarding, total = ?t.elapsed(), "app network timing");
         Ok(())
     }
 

@@ -105,7 +105,9 @@ impl Nft {
     pub fn run(&self, batch: &str) -> io::Result<String> {
         let mut guard = self.lib.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
+            let t = std::time::Instant::now();
             *guard = Some(open()?);
+            tracing::debug!(took = ?t.elapsed(), "libnftables loaded");
         }
         let Some(lib) = guard.as_ref() else {
             return Err(io::Error::other("libnftables not loaded"));
