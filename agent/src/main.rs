@@ -91,6 +91,9 @@ fn main() {
         homeport::runtime::zygote::serve(root);
     }
     init_tracing("info");
+    // rustls is built with two providers (ours, ring; and aws-lc-rs, which tough's rustls
+    // brings): TLS clients that do not name one (instant-acme's) need a process default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // glibc gives every thread that allocates an arena of its own, and the agent's blocking
     // and netlink threads come and go: two arenas keep its memory ~4 MiB smaller with no
     // contention worth measuring (allocation is not on any hot path here).
