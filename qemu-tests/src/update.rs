@@ -146,6 +146,18 @@ impl Device {
         Ok(dev)
     }
 
+    /// Waits for the ready line of the next boot and checks it names `version` and `slot`.
+    pub fn wait_ready(&mut self, version: &str, slot: &str) -> Result<()> {
+        let ready = self
+            .guest
+            .wait_for_console("homeport: ready ", BOOT_TIMEOUT)?;
+        assert_eq!(
+            ready,
+            format!("homeport: ready version={version} slot={slot}")
+        );
+        Ok(())
+    }
+
     pub fn served(&self) -> Result<()> {
         let mut last = (0, String::new());
         for _ in 0..240 {

@@ -49,13 +49,7 @@ fn a_good_update_is_committed_and_apps_come_back() -> Result<()> {
     dev.guest
         .wait_for_console("homeport-init: reboot now", BOOT_TIMEOUT)?;
     dev.guest.mark();
-    let ready = dev
-        .guest
-        .wait_for_console("homeport: ready ", BOOT_TIMEOUT)?;
-    assert_eq!(
-        ready,
-        format!("homeport: ready version={} slot=b", next.version)
-    );
+    dev.wait_ready(&next.version, "b")?;
     dev.guest
         .wait_for_console("homeport: os-update committed slot=b", BOOT_TIMEOUT)?;
     dev.reconnect()?;
@@ -83,13 +77,7 @@ fn a_good_update_is_committed_and_apps_come_back() -> Result<()> {
     // A power cut now: the committed slot b boots again (the counter is gone).
     dev.guest.kill();
     dev.guest.restart()?;
-    let ready = dev
-        .guest
-        .wait_for_console("homeport: ready ", BOOT_TIMEOUT)?;
-    assert_eq!(
-        ready,
-        format!("homeport: ready version={} slot=b", next.version)
-    );
+    dev.wait_ready(&next.version, "b")?;
     dev.reconnect()?;
     dev.served()?;
     Ok(())
@@ -194,10 +182,7 @@ fn power_cuts_during_an_update_leave_a_device_that_boots() -> Result<()> {
     );
     dev.guest.kill();
     dev.guest.restart()?;
-    let ready = dev
-        .guest
-        .wait_for_console("homeport: ready ", BOOT_TIMEOUT)?;
-    assert_eq!(ready, format!("homeport: ready version={n} slot=a"));
+    dev.wait_ready(&n, "a")?;
     dev.reconnect()?;
     dev.served()?;
     let st = dev.status()?;
@@ -211,13 +196,7 @@ fn power_cuts_during_an_update_leave_a_device_that_boots() -> Result<()> {
         .wait_for_console("homeport: os-update staged slot=b", BOOT_TIMEOUT)?;
     dev.guest.kill();
     dev.guest.restart()?;
-    let ready = dev
-        .guest
-        .wait_for_console("homeport: ready ", BOOT_TIMEOUT)?;
-    assert_eq!(
-        ready,
-        format!("homeport: ready version={} slot=b", next.version)
-    );
+    dev.wait_ready(&next.version, "b")?;
     dev.guest
         .wait_for_console("homeport: os-update committed slot=b", BOOT_TIMEOUT)?;
     dev.reconnect()?;
