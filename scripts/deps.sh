@@ -10,6 +10,7 @@ pkgs=(
   nftables                               # the agent's firewall (libnftables1) and tests' nft
   pebble curl testssl.sh                 # tests: a real ACME server; HTTPS client; TLS scan
   crun iperf3                            # benchmarks: what we compare against
+  python3                                # tests: a static file server (update repositories)
   nginx wrk nghttp2-client               # benchmarks: the proxy against nginx, wrk, h2load
   postgresql-15 redis-server             # the shared database and the apps' caches
   erofs-utils dosfstools mtools fdisk btrfs-progs systemd-boot-efi zstd file qemu-system-x86 qemu-utils ovmf  # the appliance image and its VM tests
