@@ -11,7 +11,8 @@
 //! - It serves its API on the network too, over TLS with the device CA's certificate, for
 //!   the owner's token (`DATA/owner-token`, made at first start and printed once on the
 //!   console until pairing replaces it).
-//! - It loads the kernel modules its network needs ahead, beside the rest of its start.
+//! - (The kernel modules its network needs are loaded by homeport-init ahead, from
+//!   `/usr/lib/modules-load.d/homeport.conf`.)
 //! - It tells the console when it serves: `homeport: ready version=… slot=…`.
 //! - It asks `homeport-init` to power off or reboot ([`request_shutdown`]), and when init
 //!   then stops it (SIGTERM), it stops the apps and services before exiting, since
@@ -19,6 +20,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the agent knows of the appliance it runs on.
@@ -96,53 +98,8 @@ pub fn wired_interfaces(sys_class_net: &Path) -> Vec<String> {
     out
 }
 
-/// Kernel modules the agent's start needs, in two groups loaded side by side: the nftables
-/// table with what its rules use (conntrack, NAT chains, `ct`, `dnat`, `masquerade`,
-/// `reject`, `fib`), the bridge and the apps' veths. Left to itself, nf_tables loads them
-/// while the firewall is first applied, one `modprobe` after another in the middle of the
-/// agent's start (~3 s of the ~4 s to ready under TCG). A module missing from this list only
-/// costs that time again: the kernel still loads whatever a rule needs.
-const MODULES: [&[&str]; 2] = [
-    &[
-        "nf_tables",
-        "nft_chain_nat",
-        "nft_nat",
-        "nft_masq",
-        "nft_ct",
-    ],
-    &["bridge", "veth", "nft_reject_inet", "nft_fib_inet"],
-];
-
-/// Loads [`MODULES`] with `modprobe` on threads of their own, so that they load while the
-/// agent opens its store and makes its CA and proxy; returns at once.
-pub fn preload_modules() {
-    for group in MODULES {
-        let spawned = std::thread::Builder::new()
-            .name("modprobe".into())
-            .spawn(move || {
-                let t = std::time::Instant::now();
-                let status = std::process::Command::new("modprobe")
-                    .args(["-a", "-q"])
-                    .args(group)
-                    .stdin(std::process::Stdio::null())
-                    .status();
-                match status {
-                    Ok(s) if s.success() => {
-                        tracing::debug!(modules = ?group, took = ?t.elapsed(), "modules loaded")
-                    }
-                    Ok(s) => tracing::debug!(modules = ?group, status = %s, "modprobe failed"),
-                    Err(e) => tracing::debug!(error = %e, "cannot run modprobe"),
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::debug!(error = %e, "cannot start a modprobe thread");
-        }
-    }
-}
-
-/// Starts `dhcpcd` for the wired interfaces on a thread of its own, restarting it with
-/// backoff (1 s doubling to 60 s) whenever it ends.
-pub fn start_network() {
+/// Starts `dhcpcd` for the wired interfaces, supervised.
+pub fn start_network() -> Option<Supervised> {
     let interfaces = wired_interfaces(Path::new("/sys/class/net"));
     let Some(dhcpcd) = ["/usr/sbin/dhcpcd", "/sbin/dhcpcd"]
         .iter()
@@ -150,38 +107,124 @@ pub fn start_network() {
         .find(|p| p.exists())
     else {
         tracing::error!("dhcpcd is missing: the network stays unconfigured");
-        return;
+        return None;
     };
     if interfaces.is_empty() {
         tracing::warn!("no wired network interface found");
-        return;
+        return None;
     }
     tracing::info!(?interfaces, "bringing up the wired network");
-    let spawned = std::thread::Builder::new()
-        .name("dhcpcd".into())
-        .spawn(move || {
-            let mut delay = Duration::from_secs(1);
-            loop {
-                let started = std::time::Instant::now();
-                let status = std::process::Command::new(&dhcpcd)
-                    .arg("--nobackground")
-                    .arg("--quiet")
-                    .args(&interfaces)
-                    .stdin(std::process::Stdio::null())
-                    .status();
-                match status {
-                    Ok(s) => tracing::warn!(status = %s, "dhcpcd ended; restarting it"),
-                    Err(e) => tracing::error!(error = %e, "cannot start dhcpcd"),
+    Some(Supervised::start("dhcpcd", move || {
+        let mut c = std::process::Command::new(&dhcpcd);
+        c.arg("--nobackground").arg("--quiet").args(&interfaces);
+        c
+    }))
+}
+
+/// A program the agent keeps running on the appliance (dhcpcd, chronyd): started on a
+/// thread of its own, restarted with backoff (1 s doubling to 60 s, back to 1 s after a
+/// minute of running) whenever it ends, and at once after [`Supervised::restart`].
+pub struct Supervised {
+    name: &'static str,
+    shared: Arc<SupervisedState>,
+}
+
+#[derive(Default)]
+struct SupervisedState {
+    /// The running child's pid (0: none).
+    pid: std::sync::atomic::AtomicI32,
+    /// Set by `restart`: the next exit is ours, restart without waiting.
+    restart: std::sync::atomic::AtomicBool,
+    /// Set by `stop`: the next exit is the last.
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Supervised {
+    /// Starts supervising; `command` makes the command anew for every start.
+    pub fn start<F>(name: &'static str, command: F) -> Supervised
+    where
+        F: Fn() -> std::process::Command + Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        let shared = Arc::new(SupervisedState::default());
+        let state = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut delay = Duration::from_secs(1);
+                loop {
+                    let started = std::time::Instant::now();
+                    let child = command()
+                        .stdin(std::process::Stdio::null())
+                        .spawn();
+                    match child {
+                        Ok(mut child) => {
+                            state.pid.store(child.id() as i32, Ordering::SeqCst);
+                            let status = child.wait();
+                            state.pid.store(0, Ordering::SeqCst);
+                            if state.stop.load(Ordering::SeqCst) {
+                                return;
+                            }
+                            if state.restart.swap(false, Ordering::SeqCst) {
+                                tracing::info!(program = name, "restarting with new settings");
+                                continue;
+                            }
+                            match status {
+                                Ok(s) => tracing::warn!(program = name, status = %s, "ended; restarting it"),
+                                Err(e) => tracing::error!(program = name, error = %e, "cannot wait for it"),
+                            }
+                        }
+                        Err(e) => tracing::error!(program = name, error = %e, "cannot start it"),
+                    }
+                    if started.elapsed() > Duration::from_secs(60) {
+                        delay = Duration::from_secs(1);
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(60));
                 }
-                if started.elapsed() > Duration::from_secs(60) {
-                    delay = Duration::from_secs(1);
-                }
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the network thread");
+            });
+        if let Err(e) = spawned {
+            tracing::error!(program = name, error = %e, "cannot start its supervising thread");
+        }
+        Supervised { name, shared }
+    }
+
+    /// Stops the program (SIGTERM) so that it starts again at once, with whatever its
+    /// command now reads (a new configuration file, say).
+    pub fn restart(&self) {
+        self.shared
+            .restart
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.terminate();
+    }
+
+    /// Stops the program for good (SIGTERM).
+    pub fn stop(&self) {
+        self.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.terminate();
+    }
+
+    /// The running program's pid.
+    pub fn pid(&self) -> Option<u32> {
+        let pid = self.shared.pid.load(std::sync::atomic::Ordering::SeqCst);
+        u32::try_from(pid).ok().filter(|p| *p > 0)
+    }
+
+    fn terminate(&self) {
+        let Some(pid) = self.pid() else {
+            // Not running: its next start (after the backoff) reads the new settings.
+            return;
+        };
+        // The pid cannot be reused before the supervising thread reaps it, and it clears
+        // the pid right after; the window in between is a few instructions wide.
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        ) {
+            tracing::warn!(program = self.name, error = %e, "cannot stop it");
+        }
     }
 }
 
@@ -332,6 +375,61 @@ mod tests {
             e.to_string(),
             "poweroff is only possible on the appliance (PID 1 here is not homeport-init)"
         );
+    }
+
+    #[test]
+    fn supervised_programs_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let starts = dir.path().join("starts");
+        let file = starts.clone();
+        let program = Supervised::start("test-sleeper", move || {
+            let mut c = std::process::Command::new("sh");
+            c.arg("-c").arg(format!(
+                "echo started >> '{}'; exec sleep 60",
+                file.display()
+            ));
+            c
+        });
+        let count = || {
+            std::fs::read_to_string(&starts)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        };
+        let wait_for = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while count() < n || program.pid().is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not started {n} times"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_for(1);
+        let first = program.pid().unwrap();
+        // Asked to: it starts again, as a new process.
+        program.restart();
+        wait_for(2);
+        let second = program.pid().unwrap();
+        assert_ne!(first, second);
+        // Died on its own: it is started again (after the backoff).
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(second as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_for(3);
+        // Stopped: it stays stopped.
+        let third = program.pid().unwrap();
+        program.stop();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while program.pid().is_some() {
+            assert!(std::time::Instant::now() < deadline, "still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(count(), 3);
+        assert!(!Path::new(&format!("/proc/{third}")).exists());
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub enum AgentError {
     NoSuchRegistry(String),
     #[error(transparent)]
     Os(#[from] crate::os::OsError),
+    #[error(transparent)]
+    Clock(#[from] crate::clock::ClockError),
 }
 
 pub type Result<T> = std::result::Result<T, AgentError>;
@@ -149,6 +151,8 @@ pub struct Agent {
     inner: Arc<Inner>,
     /// OS updates (set once by [`Agent::attach_os`]).
     os: std::sync::OnceLock<Arc<crate::os::Updater>>,
+    /// The clock's keeper on the appliance (set once by [`Agent::attach_time`]).
+    time: std::sync::OnceLock<Arc<crate::clock::TimeSync>>,
 }
 
 struct Inner {
@@ -325,6 +329,7 @@ impl Agent {
         Ok(Agent {
             inner,
             os: std::sync::OnceLock::new(),
+            time: std::sync::OnceLock::new(),
         })
     }
 
@@ -714,6 +719,43 @@ impl Agent {
 
     pub fn os(&self) -> Option<&Arc<crate::os::Updater>> {
         self.os.get()
+    }
+
+    /// Work the start leaves for later, done in the background once the agent serves: the
+    /// registry client (its root certificates).
+    pub fn warm_up(&self) {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.images.registry().warm());
+    }
+
+    /// Starts keeping the clock with chrony (the appliance only).
+    pub fn attach_time(&self) {
+        if let Some(t) =
+            crate::clock::TimeSync::start(self.inner.store.clone(), self.inner.paths.data())
+        {
+            let _ = self.time.set(t);
+        }
+    }
+
+    /// The clock and, on the appliance, how it is kept.
+    pub async fn time_status(&self) -> crate::clock::TimeStatus {
+        match self.time.get().cloned() {
+            Some(t) => tokio::task::spawn_blocking(move || t.status())
+                .await
+                .unwrap_or_else(|_| crate::clock::host_status()),
+            None => crate::clock::host_status(),
+        }
+    }
+
+    /// New time servers (the appliance only).
+    pub fn set_time(&self, settings: &crate::clock::TimeSettings, actor: &Actor) -> Result<()> {
+        let time = self
+            .time
+            .get()
+            .ok_or(crate::clock::ClockError::NotAppliance)?;
+        time.set(settings)?;
+        tracing::info!(actor = %actor.0, servers = ?settings.servers, "time servers changed");
+        Ok(())
     }
 
     /// Stops supervising (apps keep running; a new agent re-adopts them).

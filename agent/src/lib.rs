@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod appliance;
+pub mod clock;
 pub mod daemon;
 pub mod images;
 pub mod manifest;

@@ -177,25 +177,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
         postgres_bin: args.postgres_bin.clone(),
     };
     let appliance = homeport::appliance::Appliance::detect();
-    if let Some(a) = &appliance {
+    // dhcpcd, supervised for the agent's lifetime.
+    let _network = appliance.as_ref().and_then(|a| {
         tracing::info!(version = %a.version, slot = ?a.slot, "running as the appliance");
-        homeport::appliance::preload_modules();
-        homeport::appliance::start_network();
-    }
-    // The OS update side of the appliance: slots, ESP, trusted root.
-    let platform = appliance.as_ref().and_then(|a| {
-        homeport::os::Platform::detect(a)
-            .inspect_err(|e| {
-                tracing::warn!(error = %e, "OS updates are off");
-                println!("homeport: os-update off: {e}");
-            })
-            .ok()
+        homeport::appliance::start_network()
     });
-    if let Some(p) = &platform {
-        homeport::os::guard_crash_loop(p, std::path::Path::new("/run/homeport/agent-starts"));
-    }
-    let agent = Arc::new(Agent::start(config).await?);
+    // The OS update side of the appliance (slots, the ESP mounted, the trusted root), found
+    // while the agent starts: mounting the ESP takes ~0.5 s under emulation. Its crash-loop
+    // guard counts this start, so it is waited for even when the start fails.
+    let platform = appliance.clone().map(|a| {
+        tokio::task::spawn_blocking(move || {
+            let p = homeport::os::Platform::detect(&a)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "OS updates are off");
+                    println!("homeport: os-update off: {e}");
+                })
+                .ok()?;
+            homeport::os::guard_crash_loop(&p, std::path::Path::new("/run/homeport/agent-starts"));
+            Some(p)
+        })
+    });
+    let started = Agent::start(config).await;
+    let platform = match platform {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
+    let agent = Arc::new(started?);
     let updater = agent.attach_os(platform.clone());
+    if appliance.is_some() {
+        agent.attach_time();
+    }
     if platform.is_some() {
         let health = Arc::new(homeport::os::AgentHealth {
             agent: agent.clone(),
@@ -203,7 +214,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
         tokio::spawn(updater.run(health));
     }
-    let listener = bind(&socket)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let api_listen = match args.api_listen {
         Some(l) => l.0,
@@ -241,10 +251,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )));
         tracing::info!(%addr, "API served over TLS");
     }
+    // Bound last: a client that reaches the socket finds everything in place (the owner's
+    // token made, the TLS API listening).
+    let listener = bind(&socket)?;
     tracing::info!(socket = %socket.display(), "homeportd ready");
     if let Some(a) = &appliance {
         println!("{}", a.ready_line());
     }
+    agent.warm_up();
     let shutdown = async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -132,5 +132,37 @@ async fn the_network_api_needs_the_owners_token_over_tls() -> Result<()> {
         .await
         .expect_err("refused in host mode");
     assert_eq!(refused.status(), Some(409));
+
+    // The clock: shown in host mode (the host keeps it), its servers set on the appliance
+    // only; a malformed server is refused first, naming it.
+    let time: homeport::clock::TimeStatus = agent.client().get("/v1/system/time").await?;
+    assert!(!time.synchronized && time.servers.is_empty(), "{time:?}");
+    assert!(time.problem.as_deref().unwrap_or("").contains("host mode"));
+    let shown: jiff::Timestamp = time.now.parse()?;
+    assert!((shown.as_second() - jiff::Timestamp::now().as_second()).abs() < 60);
+    for (body, status, says) in [
+        (
+            r#"{"servers": ["10.0.0.1"]}"#,
+            409,
+            "the clock is the host's in host mode",
+        ),
+        (
+            r#"{"servers": ["a b"]}"#,
+            400,
+            r#"\"a b\" is not an NTP server"#,
+        ),
+        (r#"{"servers": []}"#, 409, "host mode"),
+        (r#"{"server": ["x"]}"#, 400, "unknown field"),
+    ] {
+        let r = pinned
+            .put(format!("{base}/v1/system/time"))
+            .bearer_auth(&token)
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(r.status(), status, "{body}");
+        let text = r.text().await?;
+        assert!(text.contains(says), "{body}: {text}");
+    }
     Ok(())
 }

@@ -238,9 +238,41 @@ fn describe(status: Exit) -> String {
     }
 }
 
+/// Where the clock must be at least at boot: the latest of the marks (the image's build
+/// time, the last time the device was up). `Some(floor)` when the clock is behind it.
+///
+/// Decision: a device without a hardware clock (a Raspberry Pi) starts in 1970 or at the
+/// kernel's build time. Certificates made then would not be valid yet or soon expired, and
+/// signed metadata would look wrong; the build time or the last shutdown is much closer to
+/// the truth, and NTP (chrony, in the agent) corrects the rest once the network is up.
+pub fn clock_floor(
+    now: std::time::SystemTime,
+    marks: &[Option<std::time::SystemTime>],
+) -> Option<std::time::SystemTime> {
+    let floor = marks.iter().flatten().max().copied()?;
+    (now < floor).then_some(floor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_never_starts_before_the_build_or_the_last_boot() {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let build = Some(at(1_790_000_000));
+        let last_up = Some(at(1_800_000_000));
+        // A Pi without a hardware clock: 1970.
+        assert_eq!(clock_floor(at(5), &[build, last_up]), last_up);
+        assert_eq!(clock_floor(at(5), &[build, None]), build);
+        // Between the build and the last boot: to the last boot.
+        assert_eq!(clock_floor(at(1_795_000_000), &[build, last_up]), last_up);
+        // A clock that is right (ahead of both) is left alone.
+        assert_eq!(clock_floor(at(1_810_000_000), &[build, last_up]), None);
+        assert_eq!(clock_floor(SystemTime::now(), &[None, None]), None);
+        assert_eq!(clock_floor(at(5), &[]), None);
+    }
 
     fn secs(t0: Instant, s: u64) -> Instant {
         t0 + Duration::from_secs(s)

@@ -20,6 +20,10 @@ use crate::os::{self, log};
 /// The GPT partition label of the data partition.
 pub const DATA_LABEL: &str = "homeport-data";
 pub const DATA_DIR: &str = "/data";
+/// Its mtime is the last time the device was up (set at boot and at shutdown).
+const CLOCK_MARK: &str = "/data/.homeport-clock";
+/// Its mtime is the image's build time (`SOURCE_DATE_EPOCH`: the erofs root's every mtime).
+const BUILD_MARK: &str = "/usr/lib/os-release";
 /// Present once the data filesystem was grown to fill its partition.
 const GROWN_MARKER: &str = "/data/.homeport-grown";
 /// How long to wait for the data partition's device node to appear.
@@ -105,7 +109,10 @@ pub fn setup() -> Booted {
     if let Err(e) = loopback_up() {
         log(Level::Error, &format!("cannot bring up lo: {e}"));
     }
+    // Loaded while the data partition mounts and the agent starts, which needs them.
+    load_modules();
     let data_degraded = !mount_data();
+    restore_clock();
     set_hostname();
     Booted { data_degraded }
 }
@@ -289,6 +296,108 @@ fn grow_once() {
     }
 }
 
+/// Where the modules to load at boot are named (the modules-load.d format).
+const MODULES_LOAD_DIRS: [&str; 2] = ["/usr/lib/modules-load.d", "/etc/modules-load.d"];
+/// The modules are loaded by this many `modprobe`s side by side.
+const MODPROBES: usize = 2;
+
+/// Starts `modprobe` for the modules named in modules-load.d and does not wait: the reaper
+/// collects them. Their failures are modprobe's to report (the kernel loads what a rule
+/// needs anyway, only later).
+fn load_modules() {
+    let mut names = Vec::new();
+    for dir in MODULES_LOAD_DIRS {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+            .collect();
+        files.sort();
+        for f in files {
+            names.extend(module_names(&fs::read_to_string(&f).unwrap_or_default()));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    if names.is_empty() {
+        return;
+    }
+    // Every other module to each modprobe: dependencies are shared, the kernel lets the
+    // second loader of a module wait for the first.
+    for part in 0..MODPROBES.min(names.len()) {
+        let mine: Vec<&str> = names
+            .iter()
+            .skip(part)
+            .step_by(MODPROBES)
+            .map(String::as_str)
+            .collect();
+        let spawned = std::process::Command::new("modprobe")
+            .args(["-a", "-q"])
+            .args(&mine)
+            .env_clear()
+            .env("PATH", os::PATH)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        if let Err(e) = spawned {
+            log(Level::Warn, &format!("cannot run modprobe: {e}"));
+            return;
+        }
+    }
+    log(Level::Info, &format!("loading {}", names.join(" ")));
+}
+
+/// Module names in a modules-load.d file: one per line; `#` and `;` start comments.
+fn module_names(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .filter(|l| {
+            l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Moves the clock forward to the image's build time or the last time the device was up,
+/// whichever is later, if it is behind both ([`crate::machine::clock_floor`]); then marks
+/// now as the last time up.
+fn restore_clock() {
+    let mtime = |p: &str| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let now = std::time::SystemTime::now();
+    if let Some(floor) = crate::machine::clock_floor(now, &[mtime(BUILD_MARK), mtime(CLOCK_MARK)]) {
+        let secs = floor
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let ts = nix::sys::time::TimeSpec::new(secs as libc::time_t, 0);
+        match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
+            Ok(()) => log(
+                Level::Info,
+                &format!("clock was behind; set to {secs} (build time or last boot)"),
+            ),
+            Err(e) => log(Level::Warn, &format!("cannot set the clock: {e}")),
+        }
+    }
+    mark_clock();
+}
+
+/// Records now as the last time the device was up.
+pub fn mark_clock() {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(CLOCK_MARK);
+    if let Err(e) = file.and_then(|f| f.set_modified(std::time::SystemTime::now())) {
+        log(Level::Warn, &format!("cannot write {CLOCK_MARK}: {e}"));
+    }
+}
+
 fn set_hostname() {
     let configured = fs::read_to_string(Path::new(DATA_DIR).join("hostname")).unwrap_or_default();
     let name = valid_hostname(configured.trim()).unwrap_or(DEFAULT_HOSTNAME);
@@ -337,6 +446,7 @@ pub fn unmount_data() {
     if !is_mountpoint(Path::new(DATA_DIR)) {
         return;
     }
+    mark_clock();
     let remount = MsFlags::MS_REMOUNT.union(MsFlags::MS_RDONLY);
     if let Err(e) = mount(None::<&str>, DATA_DIR, None::<&str>, remount, None::<&str>) {
         log(
@@ -378,6 +488,14 @@ mod tests {
             devname_for_label("DEVNAME=../sda\nPARTNAME=homeport-data\n", DATA_LABEL),
             None
         );
+    }
+
+    #[test]
+    fn modules_load_files() {
+        let text = "# comment\n; also\n\nnf_tables\n  bridge  \nveth\nbad name\n../x\n";
+        assert_eq!(module_names(text), ["nf_tables", "bridge", "veth"]);
+        let ours = include_str!("../../rootfs-overlay/usr/lib/modules-load.d/homeport.conf");
+        assert!(module_names(ours).contains(&"nf_tables".to_string()));
     }
 
     #[test]

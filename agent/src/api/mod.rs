@@ -60,6 +60,8 @@ pub enum Op {
     OsStatus,
     OsConfig,
     OsUpdate,
+    Time,
+    SetTime,
 }
 
 pub struct Route {
@@ -99,6 +101,8 @@ pub const ROUTES: &[Route] = routes! {
     GET "/v1/apps/{name}/traffic" => Traffic,
     POST "/v1/system/poweroff" => Poweroff,
     POST "/v1/system/reboot" => Reboot,
+    GET "/v1/system/time" => Time,
+    PUT "/v1/system/time" => SetTime,
     GET "/v1/registries" => Registries,
     PUT "/v1/registries/{host}" => SetRegistry,
     DELETE "/v1/registries/{host}" => RemoveRegistry,
@@ -356,6 +360,12 @@ async fn dispatch(
                 .status(StatusCode::ACCEPTED)
                 .body(empty())
                 .unwrap_or_else(|_| Response::new(empty())));
+        }
+        Op::Time => return Ok(json(&agent.time_status().await)),
+        Op::SetTime => {
+            let settings = read_json::<crate::clock::TimeSettings>(req).await?;
+            agent.set_time(&settings, &actor)?;
+            return Ok(json(&agent.time_status().await));
         }
         Op::Traffic => return Ok(json(&agent.traffic(&app_name(name)?)?)),
         Op::Ca => {
@@ -857,6 +867,16 @@ pub fn status_of(e: &AgentError) -> StatusCode {
                 O::Repository { .. } | O::Release(_) => StatusCode::BAD_GATEWAY,
                 O::DiskTooSmall { .. } => StatusCode::INSUFFICIENT_STORAGE,
                 O::Io(_) | O::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            }
+        }
+        AgentError::Clock(c) => {
+            use crate::clock::ClockError as C;
+            match c {
+                C::NotAppliance => StatusCode::CONFLICT,
+                C::Write { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                C::BadServer(_) | C::NoServers | C::TooManyServers | C::Duplicate(_) => {
+                    StatusCode::BAD_REQUEST
+                }
             }
         }
         AgentError::Image(_)

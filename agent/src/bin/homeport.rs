@@ -117,6 +117,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: OsCmd,
     },
+    /// The device's clock: whether it is synchronized, and from which NTP servers.
+    Time {
+        #[command(subcommand)]
+        cmd: Option<TimeCmd>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TimeCmd {
+    /// The clock, the server followed and the offset (the default).
+    Status,
+    /// Use these NTP servers (host names or addresses, optionally :PORT), e.g. the
+    /// router's; `pool.ntp.org` is the default.
+    Servers {
+        #[arg(required = true)]
+        servers: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -365,6 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Os { cmd } => os(&c, cmd, json).await,
+        Cmd::Time { cmd } => clock(&c, cmd.unwrap_or(TimeCmd::Status), json).await,
         Cmd::Poweroff => shutdown(&c, ShutdownKind::Poweroff, json).await,
         Cmd::Reboot => shutdown(&c, ShutdownKind::Reboot, json).await,
         Cmd::Registry { cmd } => registry(&c, cmd, json).await,
@@ -529,6 +547,43 @@ async fn os(c: &Client, cmd: OsCmd, json: bool) -> anyhow::Result<i32> {
     );
     for r in &st.refused {
         println!("refused:     {} ({}): {}", r.version, time(r.at), r.reason);
+    }
+    Ok(0)
+}
+
+async fn clock(c: &Client, cmd: TimeCmd, json: bool) -> anyhow::Result<i32> {
+    use homeport::clock::{NtpServer, TimeSettings, TimeStatus};
+    let st: TimeStatus = match cmd {
+        TimeCmd::Status => c.get("/v1/system/time").await?,
+        TimeCmd::Servers { servers } => {
+            let servers = servers
+                .iter()
+                .map(|s| s.parse::<NtpServer>())
+                .collect::<Result<Vec<_>, _>>()?;
+            c.put("/v1/system/time", &TimeSettings { servers }).await?
+        }
+    };
+    if json {
+        return print_json(&st);
+    }
+    println!("time:         {}", st.now);
+    let state = match (&st.source, st.offset_seconds) {
+        (Some(src), Some(off)) if st.synchronized => {
+            format!(
+                "yes, to {src} (stratum {}, off by {off:+.6} s)",
+                st.stratum.unwrap_or(0)
+            )
+        }
+        _ if st.synchronized => "yes".to_string(),
+        _ => "no".to_string(),
+    };
+    println!("synchronized: {state}");
+    if !st.servers.is_empty() {
+        let names: Vec<String> = st.servers.iter().map(|s| s.to_string()).collect();
+        println!("servers:      {}", names.join(" "));
+    }
+    if let Some(p) = &st.problem {
+        println!("note:         {p}");
     }
     Ok(0)
 }

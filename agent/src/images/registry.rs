@@ -344,7 +344,9 @@ enum Auth {
 }
 
 pub struct Registry {
-    http: reqwest::Client,
+    /// Built at first use ([`Registry::http`]): loading the system's root certificates takes
+    /// ~1 s under emulation, which the agent's start should not wait for.
+    http: std::sync::OnceLock<reqwest::Client>,
     config: RegistryConfig,
     /// Hosts the owner allowed plain HTTP for at run time (lower case), besides
     /// `config.insecure`.
@@ -363,6 +365,20 @@ impl fmt::Debug for Registry {
 
 impl Registry {
     pub fn new(config: RegistryConfig) -> Result<Registry, RegistryError> {
+        Ok(Registry {
+            http: std::sync::OnceLock::new(),
+            config,
+            plain_http: Default::default(),
+            auth: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The HTTP client, built at the first call (blocks for as long as loading the root
+    /// certificates takes: call [`Registry::warm`] off the async workers ahead).
+    fn http(&self) -> Result<&reqwest::Client, RegistryError> {
+        if let Some(c) = self.http.get() {
+            return Ok(c);
+        }
         let redirects = reqwest::redirect::Policy::custom(|attempt| {
             let downgrade = attempt.url().scheme() == "http"
                 && attempt.previous().iter().any(|u| u.scheme() == "https");
@@ -382,12 +398,14 @@ impl Registry {
             .redirect(redirects)
             .build()
             .map_err(RegistryError::Client)?;
-        Ok(Registry {
-            http,
-            config,
-            plain_http: Default::default(),
-            auth: Mutex::new(HashMap::new()),
-        })
+        Ok(self.http.get_or_init(|| http))
+    }
+
+    /// Builds the HTTP client now (a blocking call), so that the first pull does not.
+    pub fn warm(&self) {
+        if let Err(e) = self.http() {
+            tracing::warn!(error = %e, "cannot make the registry client");
+        }
     }
 
     /// The hosts (normalised, lower case) reached over plain HTTP besides those of the
@@ -655,7 +673,7 @@ impl Registry {
         let mut auth = self.lock_auth().get(&key).cloned();
         let mut retried = false;
         loop {
-            let mut request = self.http.get(url);
+            let mut request = self.http()?.get(url);
             if let Some(accept) = accept {
                 request = request.header(ACCEPT, accept);
             }
@@ -770,7 +788,7 @@ impl Registry {
             query.append_pair("scope", &format!("repository:{}:pull", r.repository()));
         }
         let credentials = self.credentials(r);
-        let mut request = self.http.get(url).timeout(REQUEST_TIMEOUT);
+        let mut request = self.http()?.get(url).timeout(REQUEST_TIMEOUT);
         if let Some(c) = credentials {
             request = request.basic_auth(&c.username, Some(&c.password));
         }
