@@ -14,6 +14,10 @@
 #   HOMEPORT_INIT_BIN   default target/x86_64-unknown-linux-musl/release/homeport-init (static)
 #   HOMEPORT_AGENT_BIN  default target/release/homeportd
 #   HOMEPORT_CLI_BIN    default target/release/homeport
+# A board of another architecture than the host's (arm64-uefi on amd64) is built the same way:
+# its root through qemu-user (registered with binfmt_misc here when missing), its UKI with
+# that architecture's binutils (scripts/deps.sh installs both; scripts/image.sh cross-builds
+# the binaries).
 # Output: HOMEPORT_IMAGE_OUT (default target/image/<board>). HOMEPORT_CMDLINE_EXTRA is
 # appended to the kernel command line (the VM tests build a release that fails its health
 # check with homeport.fault=os-health).
@@ -46,7 +50,7 @@ update_root=${HOMEPORT_UPDATE_ROOT:-}
 # the device does not use (PostgreSQL's JIT: LLVM and Z3, 130 MB; Perl, used only by
 # postgresql-common's wrapper scripts; locale sources: initdb uses the built-in C.UTF-8).
 RUNTIME_PACKAGES="kmod libseccomp2 libnftables1 postgresql-15 redis-server btrfs-progs
-  dhcpcd-base ca-certificates dbus avahi-daemon busybox-static"
+  dhcpcd-base chrony ca-certificates dbus avahi-daemon busybox-static"
 BUILD_ONLY_PACKAGES="initramfs-tools initramfs-tools-core klibc-utils libklibc cpio logsave
   udev zstd fdisk"
 UNUSED_PACKAGES="libllvm14 libz3-4 perl perl-modules-5.36 libperl5.36 locales libc-l10n"
@@ -72,16 +76,62 @@ tree_hash() {
 		done' sh) | sha256sum | cut -c1-64
 }
 
+# A foreign ARCH (arm64 on an amd64 host): mmdebstrap runs the root's maintainer scripts
+# through qemu-user, which the kernel must know as the interpreter of $ARCH's programs
+# (binfmt_misc, flag F: the interpreter is opened when registered, so it works inside the
+# chroot without a copy there). Registered here from qemu-user-static's binfmt.d file when
+# missing (no systemd-binfmt or binfmt-support on build machines).
+binfmt_foreign() { # QEMU_ARCH
+	local name=qemu-$1 conf=/usr/lib/binfmt.d/qemu-$1.conf dir=/proc/sys/fs/binfmt_misc line
+	[ -f "$conf" ] || die "board $board is $ARCH: building it on $host_arch needs qemu-user-static" \
+		"($conf missing; scripts/deps.sh installs it)"
+	command -v arch-test >/dev/null || die "arch-test is missing (mmdebstrap needs it for a foreign root; scripts/deps.sh)"
+	if [ ! -f "$dir/status" ]; then
+		mount -t binfmt_misc binfmt_misc "$dir" ||
+			die "cannot mount binfmt_misc on $dir (a container without it cannot build $ARCH)"
+	fi
+	if [ ! -f "$dir/$name" ]; then
+		line=$(grep -v '^#' "$conf" | head -n 1)
+		case ${line##*:} in *F*) ;; *) line=${line}F ;; esac
+		say "registering $name with binfmt_misc (from $conf)"
+		printf '%s' "$line" >"$dir/register" || die "cannot register $name with binfmt_misc ($dir/register)"
+	fi
+	grep -qx enabled "$dir/status" || die "binfmt_misc is disabled ($dir/status)"
+	grep -qx enabled "$dir/$name" || die "$dir/$name is disabled"
+	grep -q '^flags:.*F' "$dir/$name" ||
+		die "$name is registered without flag F (the chroot has no interpreter): unregister it" \
+			"(echo -1 >$dir/$name) and build again"
+	arch-test "$ARCH" >/dev/null || die "arch-test $ARCH fails although $name is registered"
+}
+
 host_arch=$(dpkg --print-architecture)
-[ "$ARCH" = "$host_arch" ] || die "board $board is $ARCH; this host builds $host_arch only" \
-	"(an $ARCH root needs qemu-user-static and binfmt_misc: see board-support/README.md)"
+case $ARCH in
+amd64) gnu_arch=x86_64 ;;
+arm64) gnu_arch=aarch64 ;;
+*) die "no toolchain for ARCH=$ARCH" ;;
+esac
 [ "$BOOTLOADER" = systemd-boot ] || die "bootloader $BOOTLOADER is not built yet (board-support/$board/README.md)"
-for t in mmdebstrap mkfs.erofs mkfs.vfat mcopy sfdisk mkfs.btrfs objcopy zstd flock; do
+# systemd-boot and the UKI stub: the host's systemd-boot-efi for the host's architecture;
+# for a foreign one, the package is installed into the root, its files copied out by a
+# customize hook into the cached stage (efi/) and purged with the other build-only packages.
+# Binutils for the board's PE and ELF files: the host's objcopy does not know pei-aarch64.
+if [ "$ARCH" = "$host_arch" ]; then
+	binutils=""
+	efi_dir=/usr/lib/systemd/boot/efi
+	boot_packages=""
+else
+	binutils=$gnu_arch-linux-gnu-
+	efi_dir=""
+	boot_packages=systemd-boot-efi
+fi
+objcopy=${binutils}objcopy objdump=${binutils}objdump strip=${binutils}strip
+for t in mmdebstrap mkfs.erofs mkfs.vfat mcopy sfdisk mkfs.btrfs "$objcopy" "$objdump" "$strip" zstd flock; do
 	command -v "$t" >/dev/null || die "$t is missing (scripts/deps.sh installs the build tools)"
 done
-stub=/usr/lib/systemd/boot/efi/linux${EFI_ARCH}.efi.stub
-sdboot=/usr/lib/systemd/boot/efi/systemd-boot${EFI_ARCH}.efi
-[ -f "$stub" ] && [ -f "$sdboot" ] || die "$stub missing (package systemd-boot-efi)"
+if [ -n "$efi_dir" ]; then
+	[ -f "$efi_dir/linux${EFI_ARCH}.efi.stub" ] && [ -f "$efi_dir/systemd-boot${EFI_ARCH}.efi" ] ||
+		die "$efi_dir/linux${EFI_ARCH}.efi.stub missing (package systemd-boot-efi)"
+fi
 for b in "$init_bin" "$agent_bin" "$cli_bin"; do
 	[ -x "$b" ] || die "$b missing: build it first (scripts/image.sh does)"
 done
@@ -111,10 +161,17 @@ export SOURCE_DATE_EPOCH
 image_version=${HOMEPORT_IMAGE_VERSION:-$version_id.$SOURCE_DATE_EPOCH}
 
 # ---- Stage 1: the Debian root (cached) -----------------------------------------------------
-packages="$KERNEL_PACKAGE $RUNTIME_PACKAGES $EXTRA_PACKAGES $BUILD_ONLY_PACKAGES"
+packages="$KERNEL_PACKAGE $RUNTIME_PACKAGES $EXTRA_PACKAGES $BUILD_ONLY_PACKAGES $boot_packages"
+# A foreign root's systemd-boot files, copied out before customize.sh purges the package
+# (expanded by mmdebstrap's shell: $1 is the root).
+# shellcheck disable=SC2016
+efi_hook='mkdir -p "$HOMEPORT_STAGE_OUT/efi" && cp "$1"/usr/lib/systemd/boot/efi/*.efi* "$HOMEPORT_STAGE_OUT/efi/"'
+hooks=()
+[ -z "$boot_packages" ] || hooks+=(--customize-hook="$efi_hook")
 rootfs_key=$({
 	echo "arch=$ARCH packages=$(echo $packages) exclude=$(echo $MODULES_EXCLUDE)"
-	echo "initramfs=$(echo $INITRAMFS_MODULES) preload=$(echo $INITRAMFS_PRELOAD) purge=$(echo $BUILD_ONLY_PACKAGES $UNUSED_PACKAGES)"
+	echo "initramfs=$(echo $INITRAMFS_MODULES) preload=$(echo $INITRAMFS_PRELOAD) purge=$(echo $BUILD_ONLY_PACKAGES $UNUSED_PACKAGES $boot_packages)"
+	[ -z "$boot_packages" ] || echo "efi_hook=$efi_hook"
 	mmdebstrap --version
 	cat "$sources"
 	echo "${HOMEPORT_ROOTFS_SERIAL:-}"
@@ -127,13 +184,14 @@ t_total=$(now)
 rootfs_cached=true
 if [ ! -f "$stage/rootfs.tar" ]; then
 	rootfs_cached=false
+	[ "$ARCH" = "$host_arch" ] || binfmt_foreign "$gnu_arch"
 	say "stage 1: Debian root with mmdebstrap ($stage)"
 	t=$(now)
 	rm -rf "$stage.tmp" && mkdir -p "$stage.tmp"
 	export HOMEPORT_IMAGE_BUILD=$here HOMEPORT_STAGE_OUT=$stage.tmp
 	export HOMEPORT_INITRAMFS_MODULES=$INITRAMFS_MODULES HOMEPORT_MODULES_EXCLUDE=$MODULES_EXCLUDE
 	export HOMEPORT_INITRAMFS_PRELOAD=$INITRAMFS_PRELOAD
-	export HOMEPORT_PURGE="$BUILD_ONLY_PACKAGES $UNUSED_PACKAGES"
+	export HOMEPORT_PURGE="$BUILD_ONLY_PACKAGES $UNUSED_PACKAGES $boot_packages"
 	# The root's mtimes do not matter (the erofs gets SOURCE_DATE_EPOCH); without it the
 	# cached root is the same for every commit.
 	env -u SOURCE_DATE_EPOCH mmdebstrap --variant=essential --mode=root --format=tar \
@@ -142,16 +200,20 @@ if [ ! -f "$stage/rootfs.tar" ]; then
 		--skip=cleanup/apt --skip=cleanup/mmdebstrap \
 		--include="$(echo $packages | tr ' ' ',')" \
 		--essential-hook="$here/hooks/essential.sh \"\$1\"" \
-		--customize-hook="$here/hooks/customize.sh \"\$1\"" \
+		"${hooks[@]}" --customize-hook="$here/hooks/customize.sh \"\$1\"" \
 		bookworm "$stage.tmp/rootfs.tar" "$sources" >"$stage.tmp/mmdebstrap.log" 2>&1 ||
 		{ tail -n 40 "$stage.tmp/mmdebstrap.log" >&2; die "mmdebstrap failed ($stage.tmp/mmdebstrap.log)"; }
 	echo "$(since "$t")" >"$stage.tmp/seconds"
 	rm -rf "$stage" && mv "$stage.tmp" "$stage"
-	# Keep the three newest roots.
-	ls -1dt "$cache/rootfs/"*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
+	# Keep the three newest roots of each architecture.
+	ls -1dt "$cache/rootfs/$ARCH-"*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 	say "stage 1 took $(cat "$stage/seconds") s"
 fi
 rootfs_seconds=$(cat "$stage/seconds")
+efi_dir=${efi_dir:-$stage/efi}
+stub=$efi_dir/linux${EFI_ARCH}.efi.stub
+sdboot=$efi_dir/systemd-boot${EFI_ARCH}.efi
+[ -f "$stub" ] && [ -f "$sdboot" ] || die "$stub or $sdboot missing"
 
 # ---- Up to date? ---------------------------------------------------------------------------
 inputs=$({
@@ -180,6 +242,12 @@ kver=$(ls "$root/lib/modules" | sort -V | tail -n 1)
 mv "$root/boot/vmlinuz-$kver" "$work/vmlinuz"
 mv "$root/boot/initrd.img-$kver" "$work/initrd"
 rm -rf "${root:?}/boot/"* "${root:?}/dev/"* "$root/vmlinuz"* "$root/initrd.img"*
+# The stub hands .linux to the firmware as a PE image. Debian's arm64 vmlinuz is the plain
+# Image (a PE: its EFI stub); a gzipped one (other arm64 kernels) goes in uncompressed.
+if [ "$(head -c 2 "$work/vmlinuz" | od -An -tx1 | tr -d ' ')" = 1f8b ]; then
+	gzip -dc "$work/vmlinuz" >"$work/vmlinuz.image" && mv "$work/vmlinuz.image" "$work/vmlinuz"
+fi
+[ "$(head -c 2 "$work/vmlinuz")" = MZ ] || die "the kernel is not an EFI (PE) image: $(file -b "$work/vmlinuz")"
 
 # Mount points and runtime-only folders on the read-only root.
 mkdir -p "$root"/{proc,sys,dev,run,tmp,data}
@@ -200,7 +268,7 @@ sed -i -e "s/@IMAGE_VERSION@/$image_version/g" -e "s/@VERSION_ID@/$version_id/g"
 install -D -m 0755 "$init_bin" "$root/usr/lib/homeport/homeport-init"
 install -m 0755 "$agent_bin" "$root/usr/bin/homeportd"
 install -m 0755 "$cli_bin" "$root/usr/bin/homeport"
-strip --strip-debug "$root/usr/lib/homeport/homeport-init" "$root/usr/bin/homeportd" \
+"$strip" --strip-debug "$root/usr/lib/homeport/homeport-init" "$root/usr/bin/homeportd" \
 	"$root/usr/bin/homeport"
 ln -sfn ../lib/homeport/homeport-init "$root/usr/sbin/init"
 # The TUF root updates are checked against (docs/releases.md).
@@ -237,7 +305,7 @@ make_uki() { # SLOT OUT
 	while read -r idx _ size vma _; do
 		[[ $idx =~ ^[0-9]+$ ]] || continue
 		if ((16#$vma + 16#$size > offs)); then offs=$((16#$vma + 16#$size)); fi
-	done < <(objdump -h "$stub")
+	done < <("$objdump" -h "$stub")
 	local args=()
 	for sec in osrel:"$root/usr/lib/os-release" cmdline:"$cmdline" initrd:"$work/initrd" \
 		linux:"$work/vmlinuz"; do
@@ -246,7 +314,7 @@ make_uki() { # SLOT OUT
 		size=$(stat -L -c %s "${sec#*:}")
 		offs=$((offs + size))
 	done
-	objcopy "${args[@]}" "$stub" "$uki"
+	"$objcopy" "${args[@]}" "$stub" "$uki"
 	# objcopy stamps the PE header with the current time: SOURCE_DATE_EPOCH instead (COFF
 	# header TimeDateStamp, 8 bytes after the "PE\0\0" signature at e_lfanew), and the
 	# checksum it computed over that time is zeroed (firmware does not check it; signing
@@ -371,6 +439,7 @@ asm_seconds=$(since "$t_asm")
 cat >"$out/image.json" <<EOF
 {
   "board": "$board",
+  "arch": "$ARCH",
   "version": "$image_version",
   "kernel": "$kver",
   "image": "$name.img",

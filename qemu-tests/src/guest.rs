@@ -16,8 +16,71 @@ use std::time::{Duration, Instant};
 /// (shared with other builds); a test must not fail because the machine was slow.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The machine QEMU emulates for an image, from its architecture (`image.json`'s `arch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `qemu-system-x86_64 -machine q35 -cpu max`, OVMF (package `ovmf`).
+    X86_64,
+    /// `qemu-system-aarch64 -machine virt -cpu max`, AAVMF (packages `qemu-system-arm`,
+    /// `qemu-efi-aarch64`); the serial console is the PL011, `ttyAMA0`.
+    Aarch64,
+}
+
+impl Arch {
+    /// From Debian's architecture name (`amd64`, `arm64`).
+    pub fn from_debian(name: &str) -> Result<Arch> {
+        match name {
+            "amd64" => Ok(Arch::X86_64),
+            "arm64" => Ok(Arch::Aarch64),
+            other => bail!("no QEMU machine for architecture {other}"),
+        }
+    }
+
+    fn qemu(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+
+    fn package(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86",
+            Arch::Aarch64 => "qemu-system-arm",
+        }
+    }
+
+    /// The UEFI firmware's code (read-only) and the variables' template (copied per guest).
+    fn firmware(self) -> (&'static str, &'static str) {
+        match self {
+            Arch::X86_64 => (
+                "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            ),
+            // Both padded to the 64 MiB of virt's flash banks, as QEMU wants them.
+            Arch::Aarch64 => (
+                "/usr/share/AAVMF/AAVMF_CODE.fd",
+                "/usr/share/AAVMF/AAVMF_VARS.fd",
+            ),
+        }
+    }
+
+    /// The machine and CPU. arm64: `max` (every feature QEMU emulates) with the cheap
+    /// implementation-defined pointer authentication instead of QARMA, which costs TCG much.
+    fn machine(self) -> [&'static str; 6] {
+        match self {
+            Arch::X86_64 => ["-accel", "tcg", "-machine", "q35", "-cpu", "max"],
+            Arch::Aarch64 => [
+                "-accel",
+                "tcg",
+                "-machine",
+                "virt",
+                "-cpu",
+                "max,pauth-impdef=on",
+            ],
+        }
+    }
+}
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16> {
@@ -39,10 +102,12 @@ pub struct GuestBuilder {
     cpus: u32,
     no_reboot: bool,
     grow_disk: Option<u64>,
+    rtc_base: Option<String>,
 }
 
 impl GuestBuilder {
-    /// `-machine q35 -cpu max -smp 2 -m 1024`, UEFI (OVMF), booting the image's disk.
+    /// `-smp 2 -m 1024`, UEFI, booting the image's disk, on the machine of the image's
+    /// architecture ([`Arch`]: q35 and OVMF, or arm64's virt and AAVMF).
     pub fn new(image: &Image) -> GuestBuilder {
         GuestBuilder {
             image: image.clone(),
@@ -50,6 +115,7 @@ impl GuestBuilder {
             cpus: 2,
             no_reboot: false,
             grow_disk: None,
+            rtc_base: None,
         }
     }
 
@@ -66,6 +132,13 @@ impl GuestBuilder {
     /// `-no-reboot`: QEMU exits when the guest reboots (so a reboot ends the guest).
     pub fn no_reboot(mut self, yes: bool) -> Self {
         self.no_reboot = yes;
+        self
+    }
+
+    /// Starts the guest's hardware clock at this date (QEMU's `-rtc base=`, e.g.
+    /// `2020-01-01`) instead of now: a device whose clock is wrong.
+    pub fn rtc_base(mut self, date: &str) -> Self {
+        self.rtc_base = Some(date.to_string());
         self
     }
 
@@ -235,6 +308,7 @@ fn clean(raw: &[u8]) -> String {
 /// A running (or stopped) QEMU guest. Killed, and its files removed, on drop.
 pub struct Guest {
     spec: GuestBuilder,
+    arch: Arch,
     dir: tempfile::TempDir,
     ports: Ports,
     child: Option<Child>,
@@ -254,6 +328,7 @@ struct Ports {
 
 impl Guest {
     fn start(spec: GuestBuilder) -> Result<Guest> {
+        let arch = Arch::from_debian(&spec.image.arch)?;
         let slot = Slot::take();
         let dir = tempfile::Builder::new()
             .prefix("homeport-guest-")
@@ -271,8 +346,9 @@ impl Guest {
                 .arg(&overlay)
                 .arg(size.to_string()))?;
         }
-        std::fs::copy(OVMF_VARS, dir.path().join("vars.fd"))
-            .with_context(|| format!("copy {OVMF_VARS} (package ovmf)"))?;
+        let (_, vars) = arch.firmware();
+        std::fs::copy(vars, dir.path().join("vars.fd"))
+            .with_context(|| format!("copy {vars} (package ovmf or qemu-efi-aarch64)"))?;
         let ports = Ports {
             api: free_port()?,
             https: free_port()?,
@@ -280,6 +356,7 @@ impl Guest {
         };
         let mut guest = Guest {
             spec,
+            arch,
             dir,
             ports,
             child: None,
@@ -300,26 +377,38 @@ impl Guest {
         let monitor = d.join("monitor.sock");
         let _ = std::fs::remove_file(&monitor);
         let p = self.ports;
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-machine", "q35", "-cpu", "max"])
+        let (code, _) = self.arch.firmware();
+        let disk = d.join("disk.qcow2");
+        let mut cmd = Command::new(self.arch.qemu());
+        cmd.args(self.arch.machine())
             .args(["-smp", &self.spec.cpus.to_string()])
             .args(["-m", &self.spec.memory_mib.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .arg("-drive")
             .arg(format!(
-                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+                "if=pflash,format=raw,unit=0,readonly=on,file={code}"
             ))
             .arg("-drive")
             .arg(format!(
                 "if=pflash,format=raw,unit=1,file={}",
                 d.join("vars.fd").display()
-            ))
-            .arg("-drive")
-            .arg(format!(
-                "if=virtio,format=qcow2,file={}",
-                d.join("disk.qcow2").display()
-            ))
-            .arg("-netdev")
+            ));
+        match self.arch {
+            Arch::X86_64 => {
+                cmd.arg("-drive")
+                    .arg(format!("if=virtio,format=qcow2,file={}", disk.display()));
+            }
+            // virt's devices on its PCIe bus, as the board's initramfs expects (virtio_pci).
+            Arch::Aarch64 => {
+                cmd.arg("-drive")
+                    .arg(format!(
+                        "if=none,id=disk,format=qcow2,file={}",
+                        disk.display()
+                    ))
+                    .args(["-device", "virtio-blk-pci,drive=disk"]);
+            }
+        }
+        cmd.arg("-netdev")
             .arg(format!(
                 "user,id=n,hostfwd=tcp:127.0.0.1:{}-:8443,hostfwd=tcp:127.0.0.1:{}-:443,hostfwd=tcp:127.0.0.1:{}-:80",
                 p.api, p.https, p.http
@@ -334,14 +423,21 @@ impl Guest {
         if self.spec.no_reboot {
             cmd.arg("-no-reboot");
         }
+        if let Some(base) = &self.spec.rtc_base {
+            cmd.args(["-rtc", &format!("base={base}")]);
+        }
         let log = std::fs::File::create(d.join(format!("qemu-{}.log", self.boots)))?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         self.started = Instant::now();
-        let child = cmd
-            .spawn()
-            .context("start qemu-system-x86_64 (package qemu-system-x86)")?;
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "start {} (package {})",
+                self.arch.qemu(),
+                self.arch.package()
+            )
+        })?;
         self.child = Some(child);
         self.console = Some(Console::follow(console, self.started));
         self.cursor = 0;
@@ -365,6 +461,11 @@ impl Guest {
 
     pub fn image(&self) -> &Image {
         &self.spec.image
+    }
+
+    /// The emulated machine's architecture (the image's).
+    pub fn arch(&self) -> Arch {
+        self.arch
     }
 
     /// The copy-on-write overlay the guest writes to.

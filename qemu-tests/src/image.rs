@@ -25,6 +25,8 @@ pub struct Partition {
 #[derive(Debug, Clone)]
 pub struct Image {
     pub board: String,
+    /// Debian's name of the image's architecture (`amd64`, `arm64`): which QEMU boots it.
+    pub arch: String,
     /// `target/image/<board>/`
     pub dir: PathBuf,
     /// The raw disk image (never written by a guest: each boots an overlay of it).
@@ -42,20 +44,31 @@ impl Image {
     /// `HOMEPORT_QEMU_NO_BUILD=1`, which takes whatever was built last.
     pub fn qemu() -> Result<&'static Image> {
         static IMAGE: OnceLock<Image> = OnceLock::new();
+        Image::built_once(&IMAGE, "qemu-x86_64")
+    }
+
+    /// The `arm64-uefi` image, the same way (`scripts/image.sh arm64-uefi` cross-builds the
+    /// binaries and builds the arm64 root through qemu-user on an amd64 host).
+    pub fn arm64() -> Result<&'static Image> {
+        static IMAGE: OnceLock<Image> = OnceLock::new();
+        Image::built_once(&IMAGE, "arm64-uefi")
+    }
+
+    fn built_once(image: &'static OnceLock<Image>, board: &str) -> Result<&'static Image> {
+        // One build at a time: builds of different boards share the binaries' target folder.
         static BUILDING: Mutex<()> = Mutex::new(());
-        if let Some(i) = IMAGE.get() {
+        if let Some(i) = image.get() {
             return Ok(i);
         }
         let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = IMAGE.get() {
+        if let Some(i) = image.get() {
             return Ok(i);
         }
-        let board = "qemu-x86_64";
         if std::env::var_os("HOMEPORT_QEMU_NO_BUILD").is_none() {
             build(board)?;
         }
-        let image = Image::load(&repo_root().join("target/image").join(board))?;
-        Ok(IMAGE.get_or_init(|| image))
+        let loaded = Image::load(&repo_root().join("target/image").join(board))?;
+        Ok(image.get_or_init(|| loaded))
     }
 
     /// Reads a built image's `image.json`.
@@ -82,6 +95,8 @@ impl Image {
         }
         Ok(Image {
             board: field("board")?,
+            // Images built before image.json named it were all amd64.
+            arch: field("arch").unwrap_or_else(|_| "amd64".to_string()),
             path: dir.join(field("image")?),
             version: field("version")?,
             dir: dir.to_path_buf(),

@@ -21,6 +21,19 @@ mod image;
 mod owner;
 pub mod update;
 
-pub use guest::{free_port, Guest, GuestBuilder, Line, BOOT_TIMEOUT};
+pub use guest::{free_port, Arch, Guest, GuestBuilder, Line, BOOT_TIMEOUT};
 pub use image::{build_release, repo_root, Image, Partition};
 pub use owner::Owner;
+
+/// Fails unless every step shows on the console, in this order.
+pub fn assert_in_order(console: &str, steps: &[&str]) {
+    let mut from = 0;
+    for step in steps {
+        match console[from..].find(step) {
+            Some(i) => from += i + step.len(),
+            None => {
+                panic!("the console does not show {step:?} (after the steps before it):\n{console}")
+            }
+        }
+    }
+}
