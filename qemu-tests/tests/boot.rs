@@ -5,7 +5,9 @@
 
 use anyhow::{ensure, Context, Result};
 use homeport::api::types::{AgentInfo, AppSummary, RegistryInfo};
-use homeport_qemu_tests::{Guest, GuestBuilder, Image, Owner, BOOT_TIMEOUT};
+use homeport::clock::TimeStatus;
+use homeport_qemu_tests::{assert_in_order, Guest, GuestBuilder, Image, Owner, BOOT_TIMEOUT};
+use homeport_testkit::NtpServer;
 use std::time::{Duration, Instant};
 
 const READY: &str = "homeport: ready ";
@@ -13,19 +15,6 @@ const READY: &str = "homeport: ready ";
 /// How long a clean poweroff or reboot may take until QEMU exits: homeport-init gives the
 /// agent 20 s, then kills, syncs and unmounts; TCG on a shared machine is slow.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Fails unless every step shows on the console, in this order.
-fn assert_in_order(console: &str, steps: &[&str]) {
-    let mut from = 0;
-    for step in steps {
-        match console[from..].find(step) {
-            Some(i) => from += i + step.len(),
-            None => {
-                panic!("the console does not show {step:?} (after the steps before it):\n{console}")
-            }
-        }
-    }
-}
 
 fn ready_line(image: &Image) -> String {
     format!("homeport: ready version={} slot=a", image.version)
@@ -37,7 +26,12 @@ fn ready_line(image: &Image) -> String {
 #[test]
 fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
     let image = Image::qemu()?;
-    let mut guest = GuestBuilder::new(image).no_reboot(true).start()?;
+    // The hardware clock is years behind, as on a device that lost it (a Raspberry Pi has
+    // none at all).
+    let mut guest = GuestBuilder::new(image)
+        .no_reboot(true)
+        .rtc_base("2020-01-01")
+        .start()?;
     let ready = guest.wait_for_console(READY, BOOT_TIMEOUT)?;
     assert_eq!(ready, ready_line(image));
     let console = guest.console();
@@ -66,6 +60,8 @@ fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
     assert_eq!(owner.get_anonymous("/v1/apps")?, 401);
     let apps: Vec<AppSummary> = owner.get_json("/v1/apps")?;
     assert!(apps.is_empty());
+
+    check_the_clock(image, &owner)?;
 
     // Ctrl-Alt-Del: the kernel sends homeport-init SIGINT, which reboots cleanly (QEMU
     // exits under -no-reboot).
@@ -98,6 +94,71 @@ fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
             data.len
         );
     }
+    Ok(())
+}
+
+/// The clock of a guest whose hardware clock says 2020: homeport-init moved it to the
+/// image's build time before anything started; chrony then follows the NTP server the owner
+/// names (chronyd on the host, reached through QEMU's user networking).
+fn check_the_clock(image: &Image, owner: &Owner) -> Result<()> {
+    let seconds = |status: &TimeStatus| -> Result<i64> {
+        let t: jiff::Timestamp = status.now.parse().context("the time's format")?;
+        Ok(t.as_second())
+    };
+    let built: i64 = image
+        .version
+        .rsplit('.')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .context("the image version ends in its build time")?;
+    let status: TimeStatus = owner.get_json("/v1/system/time")?;
+    assert_eq!(status.servers.len(), 1, "{status:?}");
+    let now = seconds(&status)?;
+    ensure!(
+        now >= built,
+        "the clock ({}) is before the image's build time ({built})",
+        status.now
+    );
+
+    // Bad settings are refused, with what was wrong, and change nothing.
+    let (code, body) = owner.put_json(
+        "/v1/system/time",
+        &serde_json::json!({ "servers": ["pool.ntp.org\nrtcsync"] }),
+    )?;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("is not an NTP server"), "{body}");
+
+    let ntp = NtpServer::start()?;
+    let server = format!("10.0.2.2:{}", ntp.port());
+    let (code, body) = owner.put_json(
+        "/v1/system/time",
+        &serde_json::json!({ "servers": [server] }),
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let synced = loop {
+        let status: TimeStatus = owner.get_json("/v1/system/time")?;
+        if status.synchronized {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "not synchronized to {server} after 180 s: {status:?}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert_eq!(synced.source.as_deref(), Some("10.0.2.2"), "{synced:?}");
+    assert_eq!(synced.servers.len(), 1);
+    assert_eq!(synced.servers[0].to_string(), server);
+    // Within a few seconds of the host (the answer crossed emulation and the API).
+    let host = jiff::Timestamp::now().as_second();
+    let guest = seconds(&synced)?;
+    ensure!(
+        (host - guest).abs() <= 5,
+        "the guest's clock ({}) is {} s from the host's",
+        synced.now,
+        host - guest
+    );
     Ok(())
 }
 

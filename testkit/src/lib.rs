@@ -9,6 +9,7 @@
 //!
 //! - [`AgentProcess`]: a `homeportd` under test with its own data directory and cgroup parent.
 //! - [`StaticServer`]: a folder served over HTTP (`python3 -m http.server`).
+//! - [`NtpServer`]: a real NTP server (chronyd serving the host's time).
 //! - [`Pebble`]: a real ACME server (pebble with its DNS test server).
 //! - [`NetWorld`]: device, LAN router and internet as three network namespaces, with small
 //!   HTTP and DNS [`Server`]s inside them.
@@ -24,6 +25,7 @@ mod image;
 mod images;
 pub mod mediawiki;
 mod networld;
+mod ntp;
 mod pebble;
 mod registry;
 mod static_server;
@@ -41,6 +43,7 @@ pub use images::{
     BUSYBOX_APPLETS, BUSYBOX_CMD,
 };
 pub use networld::{NetWorld, Server};
+pub use ntp::NtpServer;
 pub use pebble::Pebble;
 pub use registry::Registry;
 pub use static_server::{copy_dir, StaticServer};
