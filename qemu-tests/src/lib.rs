@@ -37,3 +37,39 @@ pub fn assert_in_order(console: &str, steps: &[&str]) {
         }
     }
 }
+
+/// What every first boot to ready shows, checked: the ready line (returned) exactly once,
+/// for `slot=a` and the image's version; the UKI's stub on the console; no complaint of
+/// homeport-init (at `loglevel=4` only its errors reach the console). Then the owner's API
+/// through the forwarded port: the token from the console works, nothing but the CA
+/// answers without it, and no app is installed yet.
+pub fn check_first_boot(guest: &mut Guest, timeout: std::time::Duration) -> anyhow::Result<Owner> {
+    use homeport::api::types::{AgentInfo, AppSummary};
+    const READY: &str = "homeport: ready ";
+    let ready = guest.wait_for_console(READY, timeout)?;
+    let version = guest.image().version.clone();
+    assert_eq!(ready, format!("homeport: ready version={version} slot=a"));
+    let console = guest.console();
+    assert!(
+        console.contains("EFI stub: Loaded initrd"),
+        "booted through the UKI:\n{console}"
+    );
+    assert_eq!(
+        console.matches(READY).count(),
+        1,
+        "exactly one ready line:\n{console}"
+    );
+    assert!(
+        !console.contains("homeport-init:"),
+        "homeport-init complained:\n{console}"
+    );
+    let owner = Owner::from_console(guest)?;
+    assert_eq!(owner.token.len(), 64);
+    let info: AgentInfo = owner.get_json("/v1/info")?;
+    assert_eq!(info.data_dir, "/data/homeport");
+    assert_eq!(info.device_name, "homeport");
+    assert_eq!(owner.get_anonymous("/v1/apps")?, 401);
+    let apps: Vec<AppSummary> = owner.get_json("/v1/apps")?;
+    assert!(apps.is_empty());
+    Ok(owner)
+}

@@ -4,11 +4,8 @@
 //! stale (`scripts/image.sh arm64-uefi`; the first build of its root takes tens of minutes).
 
 use anyhow::Result;
-use homeport::api::types::{AgentInfo, AppSummary};
-use homeport_qemu_tests::{assert_in_order, Arch, GuestBuilder, Image, Owner};
+use homeport_qemu_tests::{assert_in_order, check_first_boot, Arch, GuestBuilder, Image};
 use std::time::{Duration, Instant};
-
-const READY: &str = "homeport: ready ";
 
 /// How long the arm64 boot to the agent may take: emulated arm64 on a 2-core machine shared
 /// with other builds (a test must not fail because the machine was slow).
@@ -30,39 +27,11 @@ fn arm64_boots_into_the_agent_from_a_read_only_root() -> Result<()> {
     let mut guest = GuestBuilder::new(image).no_reboot(true).start()?;
     assert_eq!(guest.arch(), Arch::Aarch64);
     let started = Instant::now();
-    let ready = guest.wait_for_console(READY, BOOT_TIMEOUT)?;
+    let owner = check_first_boot(&mut guest, BOOT_TIMEOUT)?;
     eprintln!(
-        "arm64: {ready:?} {:.1} s after QEMU started",
+        "arm64: ready {:.1} s after QEMU started",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(
-        ready,
-        format!("homeport: ready version={} slot=a", image.version)
-    );
-    let console = guest.console();
-    assert!(
-        console.contains("EFI stub: Loaded initrd"),
-        "booted through the UKI:\n{console}"
-    );
-    assert_eq!(
-        console.matches(READY).count(),
-        1,
-        "exactly one ready line:\n{console}"
-    );
-    assert!(
-        !console.contains("homeport-init:"),
-        "homeport-init complained:\n{console}"
-    );
-
-    // The owner's API: the CA is public and matches the console; all else needs the token.
-    let owner = Owner::from_console(&guest)?;
-    assert_eq!(owner.token.len(), 64);
-    let info: AgentInfo = owner.get_json("/v1/info")?;
-    assert_eq!(info.data_dir, "/data/homeport");
-    assert_eq!(info.device_name, "homeport");
-    assert_eq!(owner.get_anonymous("/v1/apps")?, 401);
-    let apps: Vec<AppSummary> = owner.get_json("/v1/apps")?;
-    assert!(apps.is_empty());
 
     // A poweroff through the API (virt has no keyboard for Ctrl-Alt-Del): PSCI's SYSTEM_OFF
     // ends QEMU.

@@ -6,7 +6,9 @@
 use anyhow::{ensure, Context, Result};
 use homeport::api::types::{AgentInfo, AppSummary, RegistryInfo};
 use homeport::clock::TimeStatus;
-use homeport_qemu_tests::{assert_in_order, Guest, GuestBuilder, Image, Owner, BOOT_TIMEOUT};
+use homeport_qemu_tests::{
+    assert_in_order, check_first_boot, Guest, GuestBuilder, Image, Owner, BOOT_TIMEOUT,
+};
 use homeport_testkit::NtpServer;
 use std::time::{Duration, Instant};
 
@@ -32,35 +34,7 @@ fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
         .no_reboot(true)
         .rtc_base("2020-01-01")
         .start()?;
-    let ready = guest.wait_for_console(READY, BOOT_TIMEOUT)?;
-    assert_eq!(ready, ready_line(image));
-    let console = guest.console();
-    assert!(
-        console.contains("EFI stub: Loaded initrd"),
-        "booted through the UKI:\n{console}"
-    );
-    assert_eq!(
-        console.matches(READY).count(),
-        1,
-        "exactly one ready line:\n{console}"
-    );
-    // Kernel messages at warning level and above reach the console (loglevel=4): an error
-    // of homeport-init (e.g. no data partition: degraded tmpfs) would show.
-    assert!(
-        !console.contains("homeport-init:"),
-        "homeport-init complained:\n{console}"
-    );
-
-    // The owner's API: the CA is public and matches the console; all else needs the token.
-    let owner = Owner::from_console(&guest)?;
-    assert_eq!(owner.token.len(), 64);
-    let info: AgentInfo = owner.get_json("/v1/info")?;
-    assert_eq!(info.data_dir, "/data/homeport");
-    assert_eq!(info.device_name, "homeport");
-    assert_eq!(owner.get_anonymous("/v1/apps")?, 401);
-    let apps: Vec<AppSummary> = owner.get_json("/v1/apps")?;
-    assert!(apps.is_empty());
-
+    let owner = check_first_boot(&mut guest, BOOT_TIMEOUT)?;
     check_the_clock(image, &owner)?;
 
     // Ctrl-Alt-Del: the kernel sends homeport-init SIGINT, which reboots cleanly (QEMU
