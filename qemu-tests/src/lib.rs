@@ -73,3 +73,22 @@ pub fn check_first_boot(guest: &mut Guest, timeout: std::time::Duration) -> anyh
     assert!(apps.is_empty());
     Ok(owner)
 }
+
+/// Fails unless the guest wrote something, and only inside the image's data partition (not
+/// the GPT, the ESP or either root slot): the root is read-only.
+pub fn assert_only_data_written(guest: &Guest) -> anyhow::Result<()> {
+    let data = guest.image().partition("homeport-data")?;
+    let written = guest.written_ranges()?;
+    assert!(!written.is_empty(), "the agent wrote its state");
+    for w in &written {
+        assert!(
+            w.start >= data.start && w.start + w.len <= data.start + data.len,
+            "a write at {}+{} is outside the data partition ({}+{})",
+            w.start,
+            w.len,
+            data.start,
+            data.len
+        );
+    }
+    Ok(())
+}

@@ -4,7 +4,9 @@
 //! stale (`scripts/image.sh arm64-uefi`; the first build of its root takes tens of minutes).
 
 use anyhow::Result;
-use homeport_qemu_tests::{assert_in_order, check_first_boot, Arch, GuestBuilder, Image};
+use homeport_qemu_tests::{
+    assert_in_order, assert_only_data_written, check_first_boot, Arch, GuestBuilder, Image,
+};
 use std::time::{Duration, Instant};
 
 /// How long the arm64 boot to the agent may take: emulated arm64 on a 2-core machine shared
@@ -55,18 +57,6 @@ fn arm64_boots_into_the_agent_from_a_read_only_root() -> Result<()> {
 
     // Read-only root: the guest wrote to the data partition only (not the GPT, the ESP or
     // either root slot), through a boot, the agent's first start and a poweroff.
-    let data = image.partition("homeport-data")?;
-    let written = guest.written_ranges()?;
-    assert!(!written.is_empty(), "the agent wrote its state");
-    for w in &written {
-        assert!(
-            w.start >= data.start && w.start + w.len <= data.start + data.len,
-            "a write at {}+{} is outside the data partition ({}+{})",
-            w.start,
-            w.len,
-            data.start,
-            data.len
-        );
-    }
+    assert_only_data_written(&guest)?;
     Ok(())
 }

@@ -7,7 +7,8 @@ use anyhow::{ensure, Context, Result};
 use homeport::api::types::{AgentInfo, AppSummary, RegistryInfo};
 use homeport::clock::TimeStatus;
 use homeport_qemu_tests::{
-    assert_in_order, check_first_boot, Guest, GuestBuilder, Image, Owner, BOOT_TIMEOUT,
+    assert_in_order, assert_only_data_written, check_first_boot, Guest, GuestBuilder, Image, Owner,
+    BOOT_TIMEOUT,
 };
 use homeport_testkit::NtpServer;
 use std::time::{Duration, Instant};
@@ -55,19 +56,7 @@ fn boots_into_the_agent_from_a_read_only_root() -> Result<()> {
     // Read-only root: after a boot, the agent's first start (CA, token, database) and a
     // shutdown, the guest wrote to the data partition only (not the GPT, the ESP or either
     // root slot).
-    let data = image.partition("homeport-data")?;
-    let written = guest.written_ranges()?;
-    assert!(!written.is_empty(), "the agent wrote its state");
-    for w in &written {
-        assert!(
-            w.start >= data.start && w.start + w.len <= data.start + data.len,
-            "a write at {}+{} is outside the data partition ({}+{})",
-            w.start,
-            w.len,
-            data.start,
-            data.len
-        );
-    }
+    assert_only_data_written(&guest)?;
     Ok(())
 }
 
