@@ -298,8 +298,10 @@ mkfs.erofs --quiet -T"$SOURCE_DATE_EPOCH" -U"$(uuid_of "root-b $board")" \
 # grow in place).
 make_uki() { # SLOT OUT
 	local slot=$1 uki=$2 cmdline="$work/cmdline-$1" offs align sec size
+	# softlockup_panic: a kernel stuck on a CPU panics, and the board's panic=N reboots it
+	# (on a slot on trial, that boot counts as a failed try) instead of hanging for good.
 	echo -n "root=PARTLABEL=root-$slot ro rootfstype=erofs fsck.mode=skip homeport.slot=$slot" \
-		"init=/usr/lib/homeport/homeport-init $KERNEL_CMDLINE${HOMEPORT_CMDLINE_EXTRA:+ $HOMEPORT_CMDLINE_EXTRA}" >"$cmdline"
+		"softlockup_panic=1 init=/usr/lib/homeport/homeport-init $KERNEL_CMDLINE${HOMEPORT_CMDLINE_EXTRA:+ $HOMEPORT_CMDLINE_EXTRA}" >"$cmdline"
 	align=4096
 	offs=0
 	while read -r idx _ size vma _; do

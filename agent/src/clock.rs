@@ -299,16 +299,27 @@ impl TimeSync {
         settings(&self.store)
     }
 
-    /// Validates, stores and applies new settings (chronyd restarts with them).
+    /// Validates, stores and applies new settings (chronyd restarts with them). The
+    /// configuration is written first (a new file renamed over the old): when either step
+    /// fails, the stored settings and chrony's configuration stay as they were.
     pub fn set(&self, new: &TimeSettings) -> Result<(), crate::daemon::AgentError> {
         new.validate()?;
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.settings();
+        let write = |s: &TimeSettings| {
+            write_conf(s, &self.state).map_err(|source| ClockError::Write {
+                path: PathBuf::from(CONF),
+                source,
+            })
+        };
+        write(new)?;
         let text = serde_json::to_string(new).unwrap_or_default();
-        self.store.set_setting(SETTING, &text)?;
-        write_conf(new, &self.state).map_err(|source| ClockError::Write {
-            path: PathBuf::from(CONF),
-            source,
-        })?;
+        if let Err(e) = self.store.set_setting(SETTING, &text) {
+            if let Err(w) = write(&old) {
+                tracing::error!(error = %w, "cannot put chrony's configuration back");
+            }
+            return Err(e.into());
+        }
         self.chronyd.restart();
         Ok(())
     }

@@ -221,6 +221,20 @@ impl Agent {
         ] {
             std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
         }
+        let forgotten = crate::runtime::boot_id()
+            .and_then(|boot| crate::runtime::forget_earlier_boots(&paths.runtime(), &boot))
+            .with_context(|| {
+                format!(
+                    "clear the container state of earlier boots in {}",
+                    paths.runtime().display()
+                )
+            })?;
+        if forgotten > 0 {
+            tracing::info!(
+                containers = forgotten,
+                "forgot the container state of an earlier boot"
+            );
+        }
         let store = Arc::new(Store::open(&paths.db())?);
         step("store open");
         let images = Images::new(store.clone(), paths.clone(), config.registries)?;

@@ -169,7 +169,16 @@ impl Device {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
-        anyhow::bail!("https://{HOST}/ answers {} {}", last.0, last.1)
+        let app = self
+            .owner
+            .get("/v1/apps/hello")
+            .map_or_else(|e| format!("{e:#}"), |(s, b)| format!("{s} {b}"));
+        anyhow::bail!(
+            "https://{HOST}/ answers {} {}\nthe app: {app}\n--- console (last 60 lines) ---\n{}",
+            last.0,
+            last.1,
+            self.guest.tail(60)
+        )
     }
 
     pub fn status(&self) -> Result<OsStatus> {

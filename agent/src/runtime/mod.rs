@@ -603,6 +603,48 @@ fn volume_mount(paths: &Paths, name: &AppName, volume: &str) -> PathBuf {
     paths.app(name).join("vol").join(volume)
 }
 
+/// The kernel's id of the running boot.
+pub fn boot_id() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_string())
+}
+
+/// Removes the container state an earlier boot left in `dir` (libcontainer's root), before
+/// anything reads it: it names processes and cgroups that no longer exist, and a power cut
+/// can leave its files empty (libcontainer writes them in place), which would make every
+/// later operation on that container fail. `dir` is stamped with `boot`; state under a
+/// matching stamp is this boot's (an agent restart) and stays. Without a stamp (a runtime
+/// made before stamps) nothing is removed. Returns the number of entries removed.
+pub fn forget_earlier_boots(dir: &Path, boot: &str) -> std::io::Result<usize> {
+    let stamp = dir.join(".boot-id");
+    let removed = match std::fs::read_to_string(&stamp) {
+        Ok(s) if s.trim() == boot => return Ok(0),
+        Ok(_) => {
+            let mut n = 0;
+            for e in std::fs::read_dir(dir)? {
+                let e = e?;
+                if e.file_name() == ".boot-id" {
+                    continue;
+                }
+                if e.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(e.path())?;
+                } else {
+                    std::fs::remove_file(e.path())?;
+                }
+                n += 1;
+            }
+            n
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let tmp = dir.join(".boot-id.tmp");
+    std::fs::write(&tmp, boot)?;
+    std::fs::rename(&tmp, &stamp)?;
+    Ok(removed)
+}
+
 /// Whether this kernel and the data directory's filesystem support idmapped mounts (tried
 /// once, at start, in `dir`).
 pub fn idmap_supported(dir: &Path) -> bool {
@@ -792,5 +834,53 @@ fn nofile_limit() -> u64 {
     match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
         Ok((_, hard)) => hard.min(1 << 20),
         Err(_) => 1024,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_state_of_an_earlier_boot_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let container = |name: &str| {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+            // What a power cut leaves: libcontainer's files, empty.
+            std::fs::write(root.join(name).join("state.json"), "").unwrap();
+        };
+        container("hello");
+        // A runtime from before stamps: nothing is taken away, the stamp is written.
+        assert_eq!(forget_earlier_boots(root, "boot-1").unwrap(), 0);
+        assert!(root.join("hello/state.json").exists());
+        // The same boot (the agent restarted): its containers stay.
+        container("web");
+        assert_eq!(forget_earlier_boots(root, "boot-1").unwrap(), 0);
+        assert!(root.join("hello").exists() && root.join("web").exists());
+        // A later boot: every container of the earlier one goes, the stamp moves on.
+        std::fs::write(root.join("stray"), "x").unwrap();
+        assert_eq!(forget_earlier_boots(root, "boot-2").unwrap(), 3);
+        let left: Vec<_> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, [".boot-id"]);
+        assert_eq!(
+            std::fs::read_to_string(root.join(".boot-id")).unwrap(),
+            "boot-2"
+        );
+        // A stamp a power cut emptied counts as an earlier boot.
+        container("hello");
+        std::fs::write(root.join(".boot-id"), "").unwrap();
+        assert_eq!(forget_earlier_boots(root, "boot-2").unwrap(), 1);
+        assert!(!root.join("hello").exists());
+    }
+
+    #[test]
+    fn the_boot_id_is_the_kernels() {
+        let id = boot_id().unwrap();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(id, boot_id().unwrap());
     }
 }
