@@ -146,6 +146,25 @@ async fn apps_are_served_over_https_by_name_with_the_device_ca() -> Result<()> {
         .await?;
     assert_eq!(r.status(), 308);
     assert_eq!(r.headers()["location"], url(&one_host, "/a/b?c=d").as_str());
+    // A client that closes its sending side after the request (as `nc` does at the end of
+    // its input) still gets the whole answer, also when the request and the FIN come in one
+    // segment (MSG_MORE holds the data back until the shutdown).
+    for _ in 0..20 {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(http)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let request = format!("GET /x HTTP/1.0\r\nHost: {one_host}\r\n\r\n");
+        let sent = nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            request.as_bytes(),
+            nix::sys::socket::MsgFlags::from_bits_retain(libc::MSG_MORE),
+        )?;
+        assert_eq!(sent, request.len());
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        assert!(answer.starts_with("HTTP/1.0 308"), "{answer:?}");
+    }
 
     // The proxy counted the app's requests and logged them into the app's log.
     let t: homeport::proxy::traffic::TrafficStats = c.get("/v1/apps/one/traffic").await?;

@@ -578,7 +578,10 @@ impl Proxy {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEADER_BYTES);
+            .max_buf_size(MAX_HEADER_BYTES)
+            // A client may close its sending side once the request is out (`nc`, HTTP/1.0
+            // scripts); it still gets its answer, as nginx gives it.
+            .half_close(true);
         builder
             .http2()
             .timer(TokioTimer::new())
