@@ -579,9 +579,11 @@ impl Proxy {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .max_buf_size(MAX_HEADER_BYTES)
-            // A client may close its sending side once the request is out (`nc`, HTTP/1.0
-            // scripts); it still gets its answer, as nginx gives it.
-            .half_close(true);
+            // Plain HTTP only answers at once (redirects, ACME challenges), so a client that
+            // closes its sending side after the request (`nc`) still gets the answer. On HTTPS
+            // an end of input means the client left: its proxied request is dropped, as
+            // nginx does, so an abandoned long poll or event stream does not hold the app.
+            .half_close(tls.is_none());
         builder
             .http2()
             .timer(TokioTimer::new())
