@@ -245,6 +245,13 @@ while read -r l; do l=$(printf %s "$l" | tr -d '\r'); [ -z "$l" ] && break; h="$
 printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' "${#h}" "$h"
 "#;
 
+/// Reads the request head and never answers; notes when the proxy hangs up on it.
+const HOLD: &str = r#"#!/bin/sh
+while read -r l; do l=$(printf %s "$l" | tr -d '\r'); [ -z "$l" ] && break; done
+cat > /dev/null
+: > /tmp/hung-up
+"#;
+
 /// Reads a request with a Content-Length, swallows the body, answers how much it got.
 const SINK: &str = r#"#!/bin/sh
 n=0
@@ -276,12 +283,13 @@ async fn upgrades_and_large_uploads_stream_through() -> Result<()> {
     c.install(&scripted(&w, "sink", SINK, ""), |_| {}).await?;
     c.install(&scripted(&w, "head", ECHO_HEAD, ""), |_| {})
         .await?;
+    c.install(&scripted(&w, "hold", HOLD, ""), |_| {}).await?;
     c.install(
         &scripted(&w, "small", SINK, "body_limit = \"1M\"\n"),
         |_| {},
     )
     .await?;
-    for app in ["echo", "sink", "small", "head"] {
+    for app in ["echo", "sink", "small", "head", "hold"] {
         wait_running(&c, app).await?;
     }
     let host = |app: &str| format!("{app}-{}.local", info.device_name);
@@ -376,6 +384,32 @@ async fn upgrades_and_large_uploads_stream_through() -> Result<()> {
     tokio::time::timeout(std::time::Duration::from_secs(5), io.read_exact(&mut got)).await??;
     assert_eq!(got, b"still here after a route change\n");
     drop(io);
+
+    // A client that gives up on a request the app holds: the proxy hangs up on the app too,
+    // so an abandoned long poll does not hold the app's connection.
+    let hold = host("hold");
+    let impatient = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+        .resolve(&hold, https)
+        .http1_only()
+        .timeout(std::time::Duration::from_secs(1))
+        .build()?;
+    wait_for(
+        "a request the hold app holds",
+        std::time::Duration::from_secs(10),
+        || async {
+            let r = impatient.get(url("hold")).send().await;
+            Ok(r.is_err_and(|e| e.is_timeout()))
+        },
+    )
+    .await?;
+    wait_for(
+        "the proxy to hang up on the app",
+        std::time::Duration::from_secs(10),
+        || async { Ok(exec(&c, "hold", &["cat", "/tmp/hung-up"]).await?.0 == 0) },
+    )
+    .await?;
 
     // 1 GiB upload, streamed: the proxy's memory stays flat.
     const SIZE: u64 = 1 << 30;
