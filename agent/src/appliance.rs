@@ -231,8 +231,6 @@ impl Supervised {
 /// The owner's API token: read, or made (32 random bytes, hex, mode 0600) on first start.
 /// Returns it and whether it was made now.
 pub fn owner_token(data: &Path) -> io::Result<(String, bool)> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = data.join("owner-token");
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() == 64 => return Ok((t.trim().to_string(), false)),
@@ -241,16 +239,7 @@ pub fn owner_token(data: &Path) -> io::Result<(String, bool)> {
         Err(e) => return Err(e),
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
-    let tmp = data.join("owner-token.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(token.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    crate::files::replace(&path, token.as_bytes(), 0o600)?;
     // The token is shown once, now: it must survive a power cut right after (the data
     // partition's own commit would take up to 30 s).
     std::fs::File::open(data)?.sync_all()?;

@@ -382,9 +382,7 @@ fn write_conf(settings: &TimeSettings, state: &Path) -> std::io::Result<()> {
     if let Some(dir) = conf.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = conf.with_extension("conf.tmp");
-    std::fs::write(&tmp, chrony_conf(settings, state))?;
-    std::fs::rename(&tmp, conf)?;
+    crate::files::replace(conf, chrony_conf(settings, state).as_bytes(), 0o644)?;
     // chronyd drops to its own user after reading the configuration; the drift file is
     // written as that user.
     if let Ok(uid) = user_id("_chrony") {

@@ -6,6 +6,7 @@ pub mod api;
 pub mod appliance;
 pub mod clock;
 pub mod daemon;
+pub mod files;
 pub mod images;
 pub mod manifest;
 pub mod net;

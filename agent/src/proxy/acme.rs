@@ -4,8 +4,6 @@
 //! `DATA/acme/` (keys 0600); a certificate is renewed when a third of its lifetime is left.
 
 use std::collections::HashMap;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -170,17 +168,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AcmeError + '_ {
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), AcmeError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::files::replace(path, data, 0o600).map_err(io(path))
 }
 
 /// A certificate chain and key (PEM) as something rustls serves, with its validity.

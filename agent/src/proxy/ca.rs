@@ -6,8 +6,7 @@
 //! It is name-constrained to `local` and `home.arpa`: whoever trusts it trusts it for the LAN
 //! names and nothing else, so even a stolen key cannot vouch for a bank's site.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -77,21 +76,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
     }
 }
 
-/// Writes `data` to `path` through a temporary file and a rename, with `mode`.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
 fn time(t: SystemTime) -> time::OffsetDateTime {
     t.into()
 }
@@ -113,8 +97,10 @@ impl DeviceCa {
             p.not_before = time(now - Duration::from_secs(24 * 3600));
             p.not_after = time(now + CA_LIFETIME);
             let cert = p.self_signed(&key)?;
-            write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-            write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
+            crate::files::replace(&key_path, key.serialize_pem().as_bytes(), 0o600)
+                .map_err(io(&key_path))?;
+            crate::files::replace(&cert_path, cert.pem().as_bytes(), 0o644)
+                .map_err(io(&cert_path))?;
             tracing::info!(path = %cert_path.display(), "device CA created");
         }
         let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;

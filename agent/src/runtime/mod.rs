@@ -639,9 +639,7 @@ pub fn forget_earlier_boots(dir: &Path, boot: &str) -> std::io::Result<usize> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e),
     };
-    let tmp = dir.join(".boot-id.tmp");
-    std::fs::write(&tmp, boot)?;
-    std::fs::rename(&tmp, &stamp)?;
+    crate::files::replace(&stamp, boot.as_bytes(), 0o644)?;
     Ok(removed)
 }
 
@@ -721,9 +719,12 @@ fn prepare_container_with(
         input.args = args;
     }
     let value = spec::build(&input);
-    let tmp = bundle.join("config.json.tmp");
-    std::fs::write(&tmp, value.to_string()).map_err(io("write bundle".into()))?;
-    std::fs::rename(&tmp, bundle.join("config.json")).map_err(io("write bundle".into()))?;
+    crate::files::replace(
+        &bundle.join("config.json"),
+        value.to_string().as_bytes(),
+        0o644,
+    )
+    .map_err(io("write bundle".into()))?;
     Ok(())
 }
 

@@ -408,9 +408,7 @@ fn read_pidfile(path: &Path) -> io::Result<Option<u32>> {
 }
 
 fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
-    let tmp = path.with_extension("pid.tmp");
-    std::fs::write(&tmp, format!("{pid}\n"))?;
-    std::fs::rename(&tmp, path)
+    crate::files::replace(path, format!("{pid}\n").as_bytes(), 0o644)
 }
 
 /// The process was exec'd as `redis-server` (its comm) from a redis binary (on Debian
