@@ -13,12 +13,16 @@
 //!   console until pairing replaces it).
 //! - (The kernel modules its network needs are loaded by homeport-init ahead, from
 //!   `/usr/lib/modules-load.d/homeport.conf`.)
-//! - It tells the console when it serves: `homeport: ready version=… slot=…`.
+//! - It tells the console when it serves: `homeport: ready version=… slot=…`, and where it
+//!   can be reached whenever that changes: `homeport: network IFACE ADDR…`
+//!   ([`announce_addresses`]).
 //! - It asks `homeport-init` to power off or reboot ([`request_shutdown`]), and when init
 //!   then stops it (SIGTERM), it stops the apps and services before exiting, since
 //!   everything still running afterwards is killed.
 
+use std::collections::BTreeMap;
 use std::io;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +123,134 @@ pub fn start_network() -> Option<Supervised> {
         c.arg("--nobackground").arg("--quiet").args(&interfaces);
         c
     }))
+}
+
+/// Where the device can be reached, by wired interface: its usable addresses (sorted).
+pub type Reachable = BTreeMap<String, Vec<IpAddr>>;
+
+/// Tells the console where the device can be reached: `homeport: network IFACE ADDR…`
+/// each time the usable addresses of a wired interface change (a DHCP lease, SLAAC, a lost
+/// lease), `homeport: network IFACE no address` when it has none left. Whoever looks at
+/// the screen learns what to type; whoever waits for the device (the VM tests) learns when
+/// it is reachable, which can be well after `ready` (DHCP under emulation takes 10 s and
+/// more). Follows the kernel's address notifications; runs for the agent's lifetime.
+pub async fn announce_addresses() {
+    let wired = || wired_interfaces(Path::new("/sys/class/net"));
+    if let Err(e) = follow_addresses(wired, |line| println!("{line}")).await {
+        tracing::warn!(error = %e, "cannot follow the network's addresses");
+    }
+}
+
+/// Calls `show` with the [`address_changes`] of `interfaces()` (asked anew each time):
+/// once at the start, then after each burst of the kernel's address notifications.
+async fn follow_addresses(
+    interfaces: impl Fn() -> Vec<String>,
+    mut show: impl FnMut(String),
+) -> io::Result<()> {
+    use futures_util::StreamExt;
+    use rtnetlink::MulticastGroup;
+    // Subscribed before the first listing, so no change falls in between.
+    let (conn, handle, mut events) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])?;
+    tokio::spawn(conn);
+    let mut shown = Reachable::new();
+    loop {
+        let now = reachable(&handle, &interfaces()).await?;
+        for line in address_changes(&shown, &now) {
+            show(line);
+        }
+        shown = now;
+        if events.next().await.is_none() {
+            return Err(io::Error::other("the kernel's address notifications ended"));
+        }
+        // Changes come in bursts (both families, DAD finishing): one listing for a burst.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while events.try_recv().is_ok() {}
+    }
+}
+
+/// The usable addresses of `interfaces`: neither loopback nor link-local, nor still being
+/// checked for duplicates (tentative) or found duplicate.
+async fn reachable(h: &rtnetlink::Handle, interfaces: &[String]) -> io::Result<Reachable> {
+    use futures_util::TryStreamExt;
+    use netlink_packet_route::address::{AddressAttribute, AddressFlags};
+    let by_index: BTreeMap<u32, &String> = interfaces
+        .iter()
+        .filter_map(|n| Some((nix::net::if_::if_nametoindex(n.as_str()).ok()?, n)))
+        .collect();
+    let mut out: Reachable = by_index.values().map(|n| ((*n).clone(), vec![])).collect();
+    let mut all = h.address().get().execute();
+    while let Some(m) = all
+        .try_next()
+        .await
+        .map_err(|e| io::Error::other(format!("list addresses: {e}")))?
+    {
+        let Some(name) = by_index.get(&m.header.index) else {
+            continue;
+        };
+        let mut local = None;
+        let mut address = None;
+        let mut flags = AddressFlags::from_bits_retain(u32::from(m.header.flags.bits()));
+        for a in &m.attributes {
+            match a {
+                AddressAttribute::Local(ip) => local = Some(*ip),
+                AddressAttribute::Address(ip) => address = Some(*ip),
+                AddressAttribute::Flags(f) => flags |= *f,
+                _ => {}
+            }
+        }
+        let unusable = AddressFlags::Tentative | AddressFlags::Dadfailed;
+        if flags.intersects(unusable) {
+            continue;
+        }
+        // IFA_LOCAL is the interface's own address (IFA_ADDRESS the peer's, on
+        // point-to-point links); IPv6 sends only IFA_ADDRESS.
+        if let Some(ip) = local.or(address).filter(|ip| usable(*ip)) {
+            if let Some(list) = out.get_mut(*name) {
+                list.push(ip);
+            }
+        }
+    }
+    for list in out.values_mut() {
+        list.sort();
+        list.dedup();
+    }
+    Ok(out)
+}
+
+/// Whether an address can reach the device from elsewhere on the network.
+fn usable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified()),
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// The console lines for what changed from `shown` to `now`: the interfaces whose
+/// addresses differ (one that vanished counts as having none).
+pub fn address_changes(shown: &Reachable, now: &Reachable) -> Vec<String> {
+    let none = Vec::new();
+    let names: std::collections::BTreeSet<&String> = shown.keys().chain(now.keys()).collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let before = shown.get(name).unwrap_or(&none);
+            let after = now.get(name).unwrap_or(&none);
+            if before == after {
+                return None;
+            }
+            Some(if after.is_empty() {
+                format!("homeport: network {name} no address")
+            } else {
+                let list: Vec<String> = after.iter().map(IpAddr::to_string).collect();
+                format!("homeport: network {name} {}", list.join(" "))
+            })
+        })
+        .collect()
 }
 
 /// A program the agent keeps running on the appliance (dhcpcd, chronyd): started on a
@@ -320,6 +452,125 @@ pub fn ca_fingerprint(pem: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_addresses_reachable_from_the_network_are_shown() {
+        for (ip, want) in [
+            ("10.0.2.15", true),
+            ("192.168.1.20", true),
+            ("2001:db8::5", true),
+            ("fd00::1", true),
+            ("fec0::5054:ff:fe12:3456", true),
+            ("127.0.0.1", false),
+            ("169.254.3.4", false),
+            ("::1", false),
+            ("fe80::5054:ff:fe12:3456", false),
+            ("febf::1", false),
+            ("0.0.0.0", false),
+        ] {
+            assert_eq!(usable(ip.parse().unwrap()), want, "{ip}");
+        }
+    }
+
+    /// The kernel's notifications, followed in a network namespace of the test's own: a
+    /// veth pair (`hpwire0` followed, its peer not) gains and loses addresses.
+    #[test]
+    fn follows_the_kernels_address_changes() {
+        let run = std::thread::spawn(|| {
+            // The namespace is this thread's only; `ip` started from it inherits it.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            let ip = |args: &str| {
+                let st = std::process::Command::new("ip")
+                    .args(args.split_whitespace())
+                    .status()
+                    .expect("run ip");
+                assert!(st.success(), "ip {args}: {st}");
+            };
+            ip("link add hpwire0 type veth peer name hpwire1");
+            ip("link set hpwire0 up");
+            ip("link set hpwire1 up");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let follow = tokio::spawn(follow_addresses(
+                    || vec!["hpwire0".to_string()],
+                    move |l| {
+                        let _ = tx.send(l);
+                    },
+                ));
+                async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+                    tokio::time::timeout(Duration::from_secs(15), rx.recv())
+                        .await
+                        .expect("a line within 15 s")
+                        .expect("the follower went on")
+                }
+                // Only link-local so far (IPv6's own, an IPv4LL one): nothing to show.
+                ip("addr add 169.254.7.7/16 dev hpwire0");
+                ip("addr add 192.168.200.9/24 dev hpwire1");
+                ip("addr add 192.168.200.5/24 dev hpwire0");
+                assert_eq!(
+                    next(&mut rx).await,
+                    "homeport: network hpwire0 192.168.200.5"
+                );
+                // Duplicate address detection: an address the peer has too fails it and
+                // is never shown; one that passes is, once it has.
+                ip("addr add 2001:db8::5/64 dev hpwire1 nodad");
+                ip("addr add 2001:db8::5/64 dev hpwire0");
+                ip("addr add 2001:db8::6/64 dev hpwire0");
+                assert_eq!(
+                    next(&mut rx).await,
+                    "homeport: network hpwire0 192.168.200.5 2001:db8::6"
+                );
+                ip("addr flush dev hpwire0");
+                assert_eq!(next(&mut rx).await, "homeport: network hpwire0 no address");
+                assert!(rx.try_recv().is_err(), "one line per change");
+                follow.abort();
+            });
+        });
+        run.join().expect("the namespace thread");
+    }
+
+    #[test]
+    fn address_lines_name_what_changed_and_nothing_else() {
+        let at = |pairs: &[(&str, &[&str])]| -> Reachable {
+            pairs
+                .iter()
+                .map(|(n, ips)| {
+                    (
+                        n.to_string(),
+                        ips.iter().map(|i| i.parse().unwrap()).collect(),
+                    )
+                })
+                .collect()
+        };
+        let boot = at(&[("enp1s0", &[]), ("enp2s0", &[])]);
+        assert!(
+            address_changes(&Reachable::new(), &boot).is_empty(),
+            "nothing yet"
+        );
+        let leased = at(&[("enp1s0", &["10.0.2.15", "fec0::1"]), ("enp2s0", &[])]);
+        assert_eq!(
+            address_changes(&boot, &leased),
+            ["homeport: network enp1s0 10.0.2.15 fec0::1"]
+        );
+        assert!(address_changes(&leased, &leased).is_empty(), "a renewal");
+        let both = at(&[
+            ("enp1s0", &["10.0.2.15", "fec0::1"]),
+            ("enp2s0", &["10.0.3.7"]),
+        ]);
+        assert_eq!(
+            address_changes(&leased, &both),
+            ["homeport: network enp2s0 10.0.3.7"]
+        );
+        let lost = at(&[("enp2s0", &["10.0.3.7"])]);
+        assert_eq!(
+            address_changes(&both, &lost),
+            ["homeport: network enp1s0 no address"]
+        );
+    }
 
     #[test]
     fn detects_the_appliance_and_its_slot() {

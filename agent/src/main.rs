@@ -182,6 +182,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(version = %a.version, slot = ?a.slot, "running as the appliance");
         homeport::appliance::start_network()
     });
+    if appliance.is_some() {
+        tokio::spawn(homeport::appliance::announce_addresses());
+    }
     // The OS update side of the appliance (slots, the ESP mounted, the trusted root), found
     // while the agent starts: mounting the ESP takes ~0.5 s under emulation. Its crash-loop
     // guard counts this start, so it is waited for even when the start fails.

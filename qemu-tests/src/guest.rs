@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 /// (shared with other builds); a test must not fail because the machine was slow.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The address QEMU's user-mode network hands the guest by DHCP; the forwarded host ports
+/// lead there.
+pub const GUEST_IPV4: &str = "10.0.2.15";
+
 /// The machine QEMU emulates for an image, from its architecture (`image.json`'s `arch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -518,6 +522,30 @@ impl Guest {
             .into_iter()
             .skip(self.cursor)
             .find(|l| l.text.contains(pattern))
+    }
+
+    /// Waits for the agent to show (since the mark) that the guest has the address QEMU's
+    /// user network gives it ([`GUEST_IPV4`]), and returns the latest such line: the forwarded ports
+    /// reach the guest only from then on, which can be well after `ready` (DHCP).
+    pub fn wait_reachable(&self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let shown = self.lines().into_iter().skip(self.cursor).rfind(|l| {
+                l.text.contains("homeport: network ")
+                    && l.text.split_whitespace().any(|w| w == GUEST_IPV4)
+            });
+            if let Some(l) = shown {
+                return Ok(l.text);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for the console to show the guest at \
+                     {GUEST_IPV4}\n{}",
+                    self.tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits for a console line (since the mark) containing `pattern` and returns it. Fails

@@ -1,7 +1,7 @@
 //! The device owner's view of a guest: the agent's API over TLS, and the apps through the
 //! proxy, from the host through the forwarded ports.
 
-use crate::guest::Guest;
+use crate::guest::{Guest, BOOT_TIMEOUT};
 use anyhow::{bail, Context, Result};
 use reqwest::blocking::Client;
 use std::net::SocketAddr;
@@ -36,9 +36,11 @@ impl Owner {
         Owner::connect(guest, &token, &fingerprint)
     }
 
-    /// Fetches the CA certificate without verification (it is public), checks it against
-    /// `fingerprint` (what the console showed), and makes a client that trusts only it.
+    /// Once the console shows the guest reachable ([`Guest::wait_reachable`]): fetches the
+    /// CA certificate without verification (it is public), checks it against `fingerprint`
+    /// (what the console showed), and makes a client that trusts only it.
     pub fn connect(guest: &Guest, token: &str, fingerprint: &str) -> Result<Owner> {
+        guest.wait_reachable(BOOT_TIMEOUT)?;
         let api = guest.api_addr();
         let unverified = Client::builder()
             .danger_accept_invalid_certs(true)
