@@ -126,7 +126,7 @@ pub fn start_network() -> Option<Supervised> {
 }
 
 /// Where the device can be reached, by wired interface: its usable addresses (sorted).
-pub type Reachable = BTreeMap<String, Vec<IpAddr>>;
+type Reachable = BTreeMap<String, Vec<IpAddr>>;
 
 /// Tells the console where the device can be reached: `homeport: network IFACE ADDR…`
 /// each time the usable addresses of a wired interface change (a DHCP lease, SLAAC, a lost
@@ -232,7 +232,7 @@ fn usable(ip: IpAddr) -> bool {
 
 /// The console lines for what changed from `shown` to `now`: the interfaces whose
 /// addresses differ (one that vanished counts as having none).
-pub fn address_changes(shown: &Reachable, now: &Reachable) -> Vec<String> {
+fn address_changes(shown: &Reachable, now: &Reachable) -> Vec<String> {
     let none = Vec::new();
     let names: std::collections::BTreeSet<&String> = shown.keys().chain(now.keys()).collect();
     names

@@ -525,22 +525,36 @@ impl Guest {
     }
 
     /// Waits for the agent to show (since the mark) that the guest has the address QEMU's
-    /// user network gives it ([`GUEST_IPV4`]), and returns the latest such line: the forwarded ports
+    /// user network gives it ([`GUEST_IPV4`]), and returns the line: the forwarded ports
     /// reach the guest only from then on, which can be well after `ready` (DHCP).
     pub fn wait_reachable(&self, timeout: Duration) -> Result<String> {
+        self.wait_for_network(timeout, &format!("the guest at {GUEST_IPV4}"), |addrs| {
+            addrs.contains(&GUEST_IPV4)
+        })
+    }
+
+    /// Waits for a `homeport: network IFACE ADDR…` line (since the mark) whose addresses
+    /// satisfy `want` (`what` says what it waits for in the error) and returns it.
+    pub fn wait_for_network(
+        &self,
+        timeout: Duration,
+        what: &str,
+        want: impl Fn(&[&str]) -> bool,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let shown = self.lines().into_iter().skip(self.cursor).rfind(|l| {
-                l.text.contains("homeport: network ")
-                    && l.text.split_whitespace().any(|w| w == GUEST_IPV4)
+            let shown = self.lines().into_iter().skip(self.cursor).find(|l| {
+                l.text
+                    .split_once("homeport: network ")
+                    .and_then(|(_, rest)| rest.split_once(' '))
+                    .is_some_and(|(_, addrs)| want(&addrs.split_whitespace().collect::<Vec<_>>()))
             });
             if let Some(l) = shown {
                 return Ok(l.text);
             }
             if Instant::now() > deadline {
                 bail!(
-                    "timed out after {timeout:?} waiting for the console to show the guest at \
-                     {GUEST_IPV4}\n{}",
+                    "timed out after {timeout:?} waiting for the console to show {what}\n{}",
                     self.tail(60)
                 );
             }

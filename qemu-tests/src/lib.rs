@@ -63,28 +63,14 @@ pub fn check_first_boot(guest: &mut Guest, timeout: std::time::Duration) -> anyh
         !console.contains("homeport-init:"),
         "homeport-init complained:\n{console}"
     );
-    // The console says where the device is: DHCPv4's address and SLAAC's (in the fec0::/64
-    // QEMU advertises), on the one wired interface.
-    let deadline = std::time::Instant::now() + timeout;
-    let network = loop {
-        let shown = guest.wait_reachable(timeout)?;
-        let words: Vec<&str> = shown.split_whitespace().collect();
-        if words.len() == 5 && words[4].starts_with("fec0::") {
-            break shown;
-        }
-        // IPv4 first, the SLAAC address to come.
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "no SLAAC address shown: {shown}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
-    // EUI-64 of QEMU's default MAC (52:54:00:12:34:56): the same after every boot.
-    assert!(
-        network.starts_with("homeport: network en")
-            && network.ends_with(&format!(" {GUEST_IPV4} fec0::5054:ff:fe12:3456")),
-        "{network}"
-    );
+    // The console says where the device is: DHCPv4's address and SLAAC's, the EUI-64 of
+    // QEMU's default MAC (52:54:00:12:34:56) in the fec0::/64 QEMU advertises, so the same
+    // after every boot; on the one wired interface.
+    let slaac = "fec0::5054:ff:fe12:3456";
+    let network = guest.wait_for_network(timeout, "DHCPv4's and SLAAC's addresses", |a| {
+        a == [GUEST_IPV4, slaac]
+    })?;
+    assert!(network.starts_with("homeport: network en"), "{network}");
     let owner = Owner::from_console(guest)?;
     assert_eq!(owner.token.len(), 64);
     let info: AgentInfo = owner.get_json("/v1/info")?;
